@@ -1,0 +1,62 @@
+"""Template banks and the one formula that turns templates and coefficients into a weight."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+
+def compose(templates: Tensor, coefficients: Tensor) -> Tensor:
+    """Generate a weight from a bank: ``W = (1/K) sum_k sum_i alpha[k, i] T[i]`` (REFERENCE 1).
+
+    Args:
+        templates: ``(n, *shape)``, the bank's templates.
+        coefficients: ``(K, n)`` coefficient sets of one module, or ``(B, K, n)`` for a batch of
+            modules / tasks sharing the bank.
+
+    Returns:
+        ``(*shape)`` or ``(B, *shape)``. Averaging over K first is the same sum, done once.
+    """
+    mix = coefficients.mean(dim=-2)  # (n,) or (B, n)
+    return torch.tensordot(mix, templates, dims=([mix.dim() - 1], [0]))
+
+
+class TemplateBank(nn.Module):
+    """``n`` frozen templates shared by reference by every layer of one (group, role).
+
+    The bank is owned once (by ``RecastModel.banks``) and saved once; layers only point to it.
+    """
+
+    def __init__(self, templates: Tensor) -> None:
+        super().__init__()
+        self.templates = nn.Parameter(templates.detach().clone(), requires_grad=False)
+
+    @property
+    def size(self) -> int:
+        """Number of templates n."""
+        return self.templates.shape[0]
+
+    @property
+    def weight_shape(self) -> torch.Size:
+        """Shape of one generated weight."""
+        return self.templates.shape[1:]
+
+    def extra_repr(self) -> str:
+        return f"templates={self.size}, shape={tuple(self.weight_shape)}"
+
+
+def fingerprint(named_banks: Iterable[tuple[str, TemplateBank]]) -> str:
+    """sha256 over the banks' names, shapes and float32 bytes, in name order.
+
+    A task file records it, and is refused by a backbone whose banks differ.
+    """
+    digest = hashlib.sha256()
+    for name, bank in sorted(named_banks, key=lambda item: item[0]):
+        data = bank.templates.detach().to("cpu", torch.float32).contiguous()
+        digest.update(name.encode())
+        digest.update(str(tuple(data.shape)).encode())
+        digest.update(data.numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,102 @@
+"""``RecastConfig``: which layers become template banks, and how many templates and coefficients."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from recast.errors import ConfigError
+
+PRESET_TARGETS = ("att", "mlp", "att+mlp", "conv")
+
+
+@dataclass(frozen=True)
+class RecastConfig:
+    """How to rewrite a model (REFERENCE.md sections 1 and 2).
+
+    Attributes:
+        target: ``"att"`` (ViT ``attn.qkv``), ``"mlp"`` (``mlp.fc1``/``fc2``), ``"att+mlp"``,
+            ``"conv"`` (ResNet convolutions of every block but the first of each stage), or a
+            tuple of module-name patterns (``fnmatch`` syntax, e.g. ``"blocks.*.attn.proj"``).
+        groups: G, how many consecutive groups the layers of one role are cut into (one bank per
+            group and role). ``None`` means the paper's choice: 6 for ViT targets, one group per
+            role for ``conv`` and patterns (a ResNet role is already one stage).
+        templates: n, templates per bank. ``None`` means as many as layers per group, which makes
+            Neural Mimicry exact. Fewer compresses the backbone; more adds spare directions.
+        coef_sets: K, coefficient sets per module, averaged (K > 1 changes optimisation only).
+        exclude: module-name patterns never rewritten, on top of the preset's own exclusions.
+    """
+
+    target: str | tuple[str, ...] = "att"
+    groups: int | None = None
+    templates: int | None = None
+    coef_sets: int = 2
+    exclude: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        target = self.target
+        if isinstance(target, list):
+            target = tuple(target)
+            object.__setattr__(self, "target", target)
+        if isinstance(self.exclude, list | str):
+            object.__setattr__(self, "exclude", tuple([self.exclude] if isinstance(self.exclude, str) else self.exclude))
+        if isinstance(target, str):
+            if target not in PRESET_TARGETS:
+                raise ConfigError(
+                    f"unknown target {target!r}: use one of {', '.join(PRESET_TARGETS)}, "
+                    "or a list of module-name patterns such as ['blocks.*.attn.proj']"
+                )
+        elif not target or not all(isinstance(p, str) and p for p in target):
+            raise ConfigError("target patterns must be a non-empty list of non-empty strings")
+        _check_positive("groups", self.groups, optional=True)
+        _check_positive("templates", self.templates, optional=True)
+        _check_positive("coef_sets", self.coef_sets, optional=False)
+
+    @property
+    def is_preset(self) -> bool:
+        """True for the named targets, False for user patterns."""
+        return isinstance(self.target, str)
+
+    def resolved_groups(self) -> int:
+        """G as used: the given value, else the paper's 6 for ViT targets and 1 otherwise."""
+        if self.groups is not None:
+            return self.groups
+        return 6 if self.target in ("att", "mlp", "att+mlp") else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (tuples become lists)."""
+        data = asdict(self)
+        data["target"] = self.target if self.is_preset else list(self.target)
+        data["exclude"] = list(self.exclude)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RecastConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error, not silently dropped."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a RECAST config must be a JSON object, got {type(data).__name__}")
+        known = {"target", "groups", "templates", "coef_sets", "exclude"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config keys {unknown}; allowed: {sorted(known)}")
+        target = data.get("target", "att")
+        return cls(
+            target=tuple(target) if isinstance(target, list) else target,
+            groups=data.get("groups"),
+            templates=data.get("templates"),
+            coef_sets=data.get("coef_sets", 2),
+            exclude=tuple(data.get("exclude", ())),
+        )
+
+    def to_json(self) -> str:
+        """Sorted JSON, as written next to the weights."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def _check_positive(name: str, value: Any, *, optional: bool) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        allowed = "a positive integer" + (" or None (the paper's default)" if optional else "")
+        raise ConfigError(f"{name} must be {allowed}, got {value!r}")

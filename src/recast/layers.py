@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from recast.bank import TemplateBank, compose
+from recast.errors import TaskError
 from recast.tasks import TaskModule, TaskSpec
 
 
@@ -30,7 +31,7 @@ class GeneratedWeight(TaskModule):
         self.__dict__["bank"] = bank  # shared by reference; owned and saved by RecastModel.banks
         self.register_buffer("mimicry", coefficients.detach().clone())  # (K, n) fitted start values
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self._cache: tuple[Any, Tensor] | None = None
+        self._cache: dict[str, tuple[Any, Tensor]] = {}
 
     def make_task_state(self, spec: TaskSpec) -> nn.Module:
         return nn.ParameterDict({"coefficients": nn.Parameter(self.mimicry.detach().clone())})
@@ -46,19 +47,30 @@ class GeneratedWeight(TaskModule):
 
     @property
     def weight(self) -> Tensor:
-        """The active task's generated weight; cached while nothing can need its gradient."""
-        templates, coefficients = self.bank.templates, self.coefficients()
+        """The active task's generated weight."""
+        if self.active is None:
+            raise TaskError("no task is active: call set_task(name) first")
+        return self.weight_for(self.active)
+
+    def weight_for(self, task: str) -> Tensor:
+        """Task ``task``'s weight; cached while nothing can need its gradient (evaluation)."""
+        templates, coefficients = self.bank.templates, self.coefficients(task)
         if torch.is_grad_enabled() and (coefficients.requires_grad or templates.requires_grad):
             return compose(templates, coefficients)
-        key = (self.active, coefficients._version, templates._version, coefficients.data_ptr(), templates.data_ptr())
-        if self._cache is None or self._cache[0] != key:
+        key = (coefficients._version, templates._version, coefficients.data_ptr(), templates.data_ptr())
+        cached = self._cache.get(task)
+        if cached is None or cached[0] != key:
             with torch.no_grad():
-                self._cache = (key, compose(templates, coefficients))
-        return self._cache[1]
+                cached = self._cache[task] = (key, compose(templates, coefficients))
+        return cached[1]
+
+    def delete_task(self, name: str) -> None:
+        self._cache.pop(name, None)
+        super().delete_task(name)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)  # copies and pickles never carry the cache
-        state["_cache"] = None
+        state["_cache"] = {}
         return state
 
 
@@ -69,8 +81,8 @@ class GeneratedLinear(GeneratedWeight):
         super().__init__(bank, coefficients, bias)
         self.out_features, self.in_features = bank.weight_shape
 
-    def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
-        return F.linear(x, self.weight, self.bias)
+    def forward_task(self, x: Tensor, task: str) -> Tensor:  # (..., in) -> (..., out)
+        return F.linear(x, self.weight_for(task), self.bias)
 
     def to_plain(self, task: str) -> nn.Linear:
         plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
@@ -96,8 +108,8 @@ class GeneratedConv2d(GeneratedWeight):
         self.kernel_size, self.stride = conv.kernel_size, conv.stride
         self.padding, self.dilation, self.groups = conv.padding, conv.dilation, conv.groups
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, in, H, W) -> (B, out, H', W')
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+    def forward_task(self, x: Tensor, task: str) -> Tensor:  # (B, in, H, W) -> (B, out, H', W')
+        return F.conv2d(x, self.weight_for(task), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def to_plain(self, task: str) -> nn.Conv2d:
         plain = nn.Conv2d(

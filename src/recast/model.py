@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,6 +227,28 @@ class RecastModel(nn.Module):
         if self.active_task is None:
             raise TaskError(f"no task is active; call set_task(name) with one of: {', '.join(self.tasks) or 'none'}")
         return self.net(x)
+
+    def forward_tasks(self, x: Tensor, tasks: Sequence[str]) -> Tensor:
+        """One forward over a batch whose samples belong to different tasks.
+
+        ``tasks[i]`` names sample ``i``'s task. Every task module sends each sample through its
+        own task's state, so the logits equal per-task forwards; heads of different sizes are
+        padded with ``-inf`` up to the largest.
+        """
+        if len(tasks) != x.shape[0]:
+            raise TaskError(f"{len(tasks)} task names for a batch of {x.shape[0]} samples")
+        names = list(dict.fromkeys(tasks))
+        for name in names:
+            self._require_task(name)
+        index = torch.tensor([names.index(t) for t in tasks], device=x.device)
+        modules = [m for _, m in self.task_modules()]
+        for module in modules:
+            module.routing = (names, index)
+        try:
+            return self.net(x)
+        finally:
+            for module in modules:
+                module.routing = None
 
     def train(self, mode: bool = True) -> RecastModel:
         """Like ``nn.Module.train``, but pretrained BatchNorm statistics never drift."""
@@ -445,7 +467,10 @@ class RecastModel(nn.Module):
         plans = plan_banks(net, config)
         stored = [tuple(b["layers"]) for b in record.get("banks", [])]
         if stored != [p.layers for p in plans]:
-            raise FileFormatError(f"{directory}: its bank plan does not fit this base model")
+            raise FileFormatError(
+                f"{directory}: its layers do not fit the base model rebuilt from its recipe {record.get('recipe')}; "
+                "pass base=<a model of the architecture it was made from>"
+            )
         empty = [_empty_fit(net, p, config.coef_sets) for p in plans]
         model = cls._assemble(net, config, plans, empty, record.get("recipe"))
         model._load_backbone(directory / BACKBONE_FILE, record["fingerprint"])

@@ -44,7 +44,8 @@ class TaskModule(nn.Module):
     """A module with one state per task in ``per_task``; the ``active`` task's state is used.
 
     Subclasses set ``kind`` (which count a task's tensors go to) and implement
-    :meth:`make_task_state` and :meth:`to_plain`.
+    :meth:`make_task_state`, :meth:`forward_task` and :meth:`to_plain`. ``routing`` (set by
+    ``RecastModel.forward_tasks``) sends each sample of a batch through its own task's state.
     """
 
     kind: str = "other"
@@ -53,6 +54,30 @@ class TaskModule(nn.Module):
         super().__init__()
         self.per_task = nn.ModuleDict()
         self.active: str | None = None
+        self.routing: tuple[list[str], Tensor] | None = None  # (task names, (B,) index into them)
+
+    def forward_task(self, x: Tensor, task: str) -> Tensor:
+        """This module's output for a batch that belongs entirely to ``task``."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The active task's output, or each sample's own task's output while routing."""
+        if self.routing is None:
+            if self.active is None:
+                raise TaskError("no task is active: call set_task(name) first")
+            return self.forward_task(x, self.active)
+        names, index = self.routing
+        out: Tensor | None = None
+        for position, task in enumerate(names):
+            mask = index == position
+            if not bool(mask.any()):
+                continue
+            part = self.forward_task(x[mask], task)
+            if out is None:
+                out = part.new_empty((x.shape[0], *part.shape[1:]))
+            out[mask] = part
+        assert out is not None, "routing over an empty batch"
+        return out
 
     def make_task_state(self, spec: TaskSpec) -> nn.Module:
         """A fresh state for a new task (parameters and buffers), on this module's device."""
@@ -139,8 +164,22 @@ class TaskHead(TaskModule):
         head = self.per_task[name]
         return int(head.out_features) if isinstance(head, nn.Linear) else self.in_features
 
-    def forward(self, x: Tensor) -> Tensor:  # (..., in_features) -> (..., num_classes)
-        return self.state()(x)
+    def forward_task(self, x: Tensor, task: str) -> Tensor:  # (..., in_features) -> (..., num_classes)
+        return self.per_task[task](x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits; while routing, heads of different sizes are padded with -inf to the largest."""
+        if self.routing is None:
+            return super().forward(x)
+        names, index = self.routing
+        width = max(self.num_classes(t) for t in names)
+        out = x.new_full((x.shape[0], width), float("-inf"))
+        for position, task in enumerate(names):
+            mask = index == position
+            if bool(mask.any()):
+                logits = self.forward_task(x[mask], task)
+                out[mask, : logits.shape[1]] = logits
+        return out
 
     def to_plain(self, task: str) -> nn.Module:
         plain = copy.deepcopy(self.per_task[task])
@@ -173,8 +212,8 @@ class TaskBatchNorm(TaskModule):
             return state.running_mean, state.running_var, True
         return self.bn.running_mean, self.bn.running_var, False
 
-    def forward(self, x: Tensor) -> Tensor:
-        mean, var, own = self._stats(self.active) if self.active else (self.bn.running_mean, self.bn.running_var, False)
+    def forward_task(self, x: Tensor, task: str) -> Tensor:
+        mean, var, own = self._stats(task)
         momentum = 0.1 if self.bn.momentum is None else self.bn.momentum
         return F.batch_norm(
             x, mean, var, self.bn.weight, self.bn.bias, self.training and own, momentum, self.bn.eps

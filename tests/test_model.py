@@ -245,3 +245,14 @@ def test_new_task_starts_from_the_mimicry_values(vit):
     assert not torch.equal(layer.coefficients("base"), layer.mimicry)
     model.add_task("copy", 4, init_from="base")
     assert torch.equal(layer.coefficients("copy"), layer.coefficients("base"))
+
+
+def test_head_only_model_fingerprints_its_whole_backbone(tmp_path):
+    one = RecastModel.from_base(tiny_vit(depth=2, seed=0), RecastConfig(target="none"))
+    two = RecastModel.from_base(tiny_vit(depth=2, seed=1), RecastConfig(target="none"))
+    assert not one.banks and one.task_parameters("base") == {"coefficients": 0, "head": 5 * 32 + 5, "other": 0}
+    assert one.fingerprint != two.fingerprint
+    one.add_task("a", 2)
+    one.save_pretrained(tmp_path)
+    with pytest.raises(FileFormatError, match="made for another backbone"):
+        two.load_task(tmp_path, "a")

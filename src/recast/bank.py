@@ -48,14 +48,15 @@ class TemplateBank(nn.Module):
         return f"templates={self.size}, shape={tuple(self.weight_shape)}"
 
 
-def fingerprint(named_banks: Iterable[tuple[str, TemplateBank]]) -> str:
-    """sha256 over the banks' names, shapes and float32 bytes, in name order.
+def fingerprint(named_tensors: Iterable[tuple[str, Tensor]]) -> str:
+    """sha256 over tensors' names, shapes and float32 bytes, in name order.
 
-    A task file records it, and is refused by a backbone whose banks differ.
+    Given the banks' templates it identifies a backbone: a task file records it and is refused by
+    a backbone whose banks differ.
     """
     digest = hashlib.sha256()
-    for name, bank in sorted(named_banks, key=lambda item: item[0]):
-        data = bank.templates.detach().to("cpu", torch.float32).contiguous()
+    for name, tensor in sorted(named_tensors, key=lambda item: item[0]):
+        data = tensor.detach().to("cpu", torch.float32).contiguous()
         digest.update(name.encode())
         digest.update(str(tuple(data.shape)).encode())
         digest.update(data.numpy().tobytes())

@@ -8,7 +8,7 @@ from typing import Any
 
 from recast.errors import ConfigError
 
-PRESET_TARGETS = ("att", "mlp", "att+mlp", "conv")
+PRESET_TARGETS = ("att", "mlp", "att+mlp", "conv", "none")
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,7 @@ class RecastModel(nn.Module):
         self.mimicry_report: dict[str, Any] = mimicry_report or {}
         self.tasks: dict[str, TaskInfo] = {}
         self.active_task: str | None = None
+        self.adapters: list[dict[str, Any]] = []  # [{"kind": ..., "options": {...}}], in order applied
         self._fingerprint: tuple[tuple[int, ...], str] | None = None
 
     # ----------------------------------------------------------------------------- construction
@@ -97,8 +98,11 @@ class RecastModel(nn.Module):
             )
             for p in plans
         ]
-        results, seconds = fit(problems, mimicry, **options)
-        report = {"method": mimicry, "seconds": seconds, "options": dict(options), **fidelity(problems, results)}
+        if problems:
+            results, seconds = fit(problems, mimicry, **options)
+            report = {"method": mimicry, "seconds": seconds, "options": dict(options), **fidelity(problems, results)}
+        else:  # target "none": nothing to fit
+            results, report = [], {"method": "none", "seconds": 0.0}
         original_numel = _numel(base.state_dict(), exclude_prefix=find_head(base))
         model = cls._assemble(net, config, plans, [(r.templates, r.coefficients) for r in results], recipe_of(base))
         report["original_bytes"] = original_numel * 4
@@ -133,6 +137,17 @@ class RecastModel(nn.Module):
         model.tasks["base"] = TaskInfo(num_classes=spec.num_classes)
         model.set_task("base")
         return model
+
+    def add_adapter(self, kind: str, **options: Any) -> None:
+        """Insert an adapter (``recast.adapters``) whose state is kept per task, for every task.
+
+        Adapters start as the identity (zero or identity initialised), so existing tasks' outputs
+        do not change. The choice and its options are saved with the model and re-applied on load.
+        """
+        from recast.adapters import attach
+
+        attach(self, kind, **options)
+        self.adapters.append({"kind": kind, "options": dict(options)})
 
     # ------------------------------------------------------------------------------------ tasks
     def task_modules(self) -> Iterator[tuple[str, TaskModule]]:
@@ -273,10 +288,16 @@ class RecastModel(nn.Module):
     # ---------------------------------------------------------------------------------- files
     @property
     def fingerprint(self) -> str:
-        """sha256 of the banks; recorded in every file and checked on load."""
+        """sha256 of the banks (of the whole frozen backbone when there are none).
+
+        Recorded in every file and checked on load, so a task never runs on a backbone it was not
+        trained for.
+        """
+        if not self.banks:
+            return fingerprint(self.backbone_tensors().items())
         versions = tuple(b.templates._version for b in self.banks.values())
         if self._fingerprint is None or self._fingerprint[0] != versions:
-            self._fingerprint = (versions, fingerprint(self.banks.items()))
+            self._fingerprint = (versions, fingerprint((k, b.templates) for k, b in self.banks.items()))
         return self._fingerprint[1]
 
     def _per_task_prefixes(self) -> tuple[str, ...]:
@@ -313,6 +334,7 @@ class RecastModel(nn.Module):
             "head": self.head_name,
             "tasks": list(self.tasks),
             "active": self.active_task,
+            "adapters": self.adapters,
             "mimicry_report": {k: v for k, v in self.mimicry_report.items() if k != "layers"},
         }
 
@@ -473,6 +495,8 @@ class RecastModel(nn.Module):
             )
         empty = [_empty_fit(net, p, config.coef_sets) for p in plans]
         model = cls._assemble(net, config, plans, empty, record.get("recipe"))
+        for adapter in record.get("adapters", []):
+            model.add_adapter(adapter["kind"], **adapter.get("options", {}))
         model._load_backbone(directory / BACKBONE_FILE, record["fingerprint"])
         model.mimicry_report = dict(record.get("mimicry_report") or {})
         model._load_all_tasks(directory, record)

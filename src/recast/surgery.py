@@ -25,6 +25,7 @@ PRESET_PATTERNS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "att+mlp": (("blocks.*.attn.qkv", "blocks.*.mlp.fc1", "blocks.*.mlp.fc2"), ()),
     # ResNet: every block but the first of each stage; stem, downsample, fc stay plain.
     "conv": (("layer*.*.conv*",), ("layer*.0.*",)),
+    "none": ((), ()),
 }
 HEAD_NAMES = ("head", "fc", "classifier", "head.fc", "last_linear")
 
@@ -80,7 +81,7 @@ def select_layers(net: nn.Module, config: RecastConfig) -> list[str]:
         if isinstance(module, nn.Conv2d) and (module.padding_mode != "zeros" or isinstance(module.padding, str)):
             raise SurgeryError(f"{name}: only zero-padded Conv2d with explicit padding can be generated")
         chosen.append(name)
-    if not chosen:
+    if not chosen and include:
         listing = ", ".join(candidates(net)[:40]) or "none"
         raise SurgeryError(
             f"target {config.target!r} matches no Linear or Conv2d module of this "

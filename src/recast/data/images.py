@@ -1,0 +1,119 @@
+"""Indexable image sources and the dataset views the splits hand out.
+
+A *source* knows its labels without decoding images and returns image ``i`` as a PIL RGB image.
+A :class:`SplitView` is a torch ``Dataset`` over some indices of a source with one transform, so
+train and validation can share a source yet use different transforms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from recast.errors import FileFormatError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+class ImageSource(Protocol):
+    """What a split needs from a data source."""
+
+    labels: np.ndarray
+
+    def image(self, index: int) -> Image.Image:
+        """Image ``index`` as a PIL RGB image."""
+        ...
+
+
+class ArrayImages:
+    """Images held as a uint8 array ``(N, H, W)`` (grey) or ``(N, H, W, 3)`` (colour)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        self.images = images
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def image(self, index: int) -> Image.Image:
+        """Image ``index`` converted to RGB."""
+        return Image.fromarray(self.images[index]).convert("RGB")
+
+
+class FileImages:
+    """Images read from files on demand; a file that cannot be decoded raises an error naming it."""
+
+    def __init__(self, paths: Sequence[Path], labels: Sequence[int]) -> None:
+        self.paths = list(paths)
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def image(self, index: int) -> Image.Image:
+        """Decode file ``index`` fully (so truncation is caught here), as RGB."""
+        return load_image(self.paths[index])
+
+
+def load_image(path: Path) -> Image.Image:
+    """Open and fully decode an image as RGB, or raise ``FileFormatError`` naming the file."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        raise FileFormatError(
+            f"{path}: cannot read image ({exc}); fix or delete it, or pass skip_bad_images=True "
+            "(--skip-bad-images) to skip bad files and count them"
+        ) from None
+
+
+def drop_bad_files(source: FileImages) -> tuple[FileImages, list[str]]:
+    """Decode every file once; returns the source without the unreadable ones and their paths."""
+    good, bad = [], []
+    for index, path in enumerate(source.paths):
+        try:
+            load_image(path)
+            good.append(index)
+        except FileFormatError:
+            bad.append(str(path))
+    kept = FileImages([source.paths[i] for i in good], source.labels[good])
+    return kept, bad
+
+
+class TorchvisionImages:
+    """A torchvision dataset (constructed without a transform) seen as a source."""
+
+    def __init__(self, dataset: Any, labels: np.ndarray) -> None:
+        self.dataset = dataset
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def image(self, index: int) -> Image.Image:
+        """The dataset's image ``index`` as RGB (MNIST-like sets give grey images)."""
+        image = self.dataset[index][0]
+        if not isinstance(image, Image.Image):
+            image = Image.fromarray(np.asarray(image))
+        return image if image.mode == "RGB" else image.convert("RGB")
+
+
+class SplitView(Dataset):
+    """The images ``indices`` of ``source`` as ``(transform(image), label)`` pairs."""
+
+    def __init__(self, source: ImageSource, indices: np.ndarray, transform: Callable | None) -> None:
+        self.source = source
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> tuple[Any, int]:
+        index = int(self.indices[position])
+        image = self.source.image(index)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.source.labels[index])
+
+    @property
+    def targets(self) -> list[int]:
+        """The labels of this split, in order, without decoding any image."""
+        return self.source.labels[self.indices].tolist()

@@ -60,3 +60,11 @@ def build_from_recipe(recipe: dict[str, Any]) -> nn.Module:
     else:
         raise ConfigError(f"unknown model factory {factory!r} in recipe {recipe}; use 'timm' or 'torchvision'")
     return attach_recipe(model, factory, name, **kwargs)
+
+
+def create_timm(name: str, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(name, pretrained=False, **kwargs)`` with its recipe attached, in eval mode."""
+    import timm
+
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    return attach_recipe(model, "timm", name, **kwargs).eval()

@@ -73,20 +73,31 @@ class RecastConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RecastConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error, not silently dropped."""
+        """Inverse of :meth:`to_dict`; unknown keys and ill-typed values are a ``ConfigError``.
+
+        The input may come from a file someone edited, so every field is type-checked here
+        before the dataclass sees it: a bad value never surfaces as a ``TypeError``.
+        """
         if not isinstance(data, dict):
             raise ConfigError(f"a RECAST config must be a JSON object, got {type(data).__name__}")
         known = {"target", "groups", "templates", "coef_sets", "exclude"}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=str)
         if unknown:
             raise ConfigError(f"unknown config keys {unknown}; allowed: {sorted(known)}")
         target = data.get("target", "att")
+        if isinstance(target, list | tuple):
+            target = tuple(target)
+        elif not isinstance(target, str):
+            raise ConfigError(f"target must be a preset name or a list of module-name patterns, got {target!r}")
+        exclude = data.get("exclude", ())
+        if not isinstance(exclude, list | tuple) or not all(isinstance(p, str) and p for p in exclude):
+            raise ConfigError(f"exclude must be a list of module-name patterns (non-empty strings), got {exclude!r}")
         return cls(
-            target=tuple(target) if isinstance(target, list) else target,
+            target=target,
             groups=data.get("groups"),
             templates=data.get("templates"),
             coef_sets=data.get("coef_sets", 2),
-            exclude=tuple(data.get("exclude", ())),
+            exclude=tuple(exclude),
         )
 
     def to_json(self) -> str:

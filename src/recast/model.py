@@ -13,7 +13,6 @@ exports any task as an ordinary ``nn.Module``. File layout (DESIGN.md, "Files"):
 from __future__ import annotations
 
 import copy
-import hashlib
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,9 +26,11 @@ from torch import Tensor, nn
 from recast import __version__
 from recast.bank import TemplateBank, fingerprint
 from recast.config import RecastConfig
-from recast.errors import FileFormatError, TaskError
-from recast.io import atomic_write_bytes, atomic_write_json, read_json
+from recast.errors import ConfigError, FileFormatError, RecastError, TaskError
+from recast.integrity import leftover_files
+from recast.io import atomic_write_json, promote, read_checked, read_json, sha256_hex, write_staged
 from recast.layers import generated_layer
+from recast.locking import lock_directory
 from recast.mimicry import FitProblem, fidelity, fit
 from recast.recipe import build_from_recipe, recipe_of
 from recast.surgery import BankPlan, find_head, install_head, plan_banks, wrap_batchnorms
@@ -313,14 +314,38 @@ class RecastModel(nn.Module):
         return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write the backbone, every task and the config (each file atomically; config last)."""
+        """Write the backbone, every task and the config, so that a crash leaves the old or the new state.
+
+        New file versions go under staged names (``NAME.<sha12>.safetensors``, see
+        :func:`recast.io.staged_path`); then the config, which names every file by its sha256, is
+        replaced in one rename: that is the commit point. Only then do the staged files replace
+        the old ones. A SIGKILL before the commit leaves the previous state; after it, the new one
+        (readers find staged files by checksum). The directory is locked meanwhile. Tasks in the
+        directory that this model does not hold are kept when they fit its backbone.
+        """
         directory = Path(directory)
-        (directory / TASKS_DIR).mkdir(parents=True, exist_ok=True)
-        meta = {"format": "recast-backbone", "format_version": FORMAT_VERSION, "fingerprint": self.fingerprint}
-        atomic_write_bytes(directory / BACKBONE_FILE, safetensors.torch.save(self.backbone_tensors(), meta))
-        for name in self.tasks:
-            self.save_task(directory, name)
-        atomic_write_json(directory / CONFIG_FILE, self._config_record())
+        with lock_directory(directory):
+            previous = _committed_record(directory)
+            if previous is not None:
+                _settle(directory, previous)
+            backbone = self._backbone_blob()
+            pinned = {"name": BACKBONE_FILE, "sha256": write_staged(directory / BACKBONE_FILE, backbone),
+                      "bytes": len(backbone)}
+            records: dict[str, dict[str, Any]] = {}
+            for name in self.tasks:
+                data, records[name] = self._task_blob(name)
+                write_staged(directory / TASKS_DIR / f"{name}.safetensors", data)
+            kept = _kept_records(directory, previous, self.fingerprint)
+            records.update({k: v for k, v in kept.items() if k not in records})
+            record = {**self._config_record(), "tasks": list(records), "backbone_file": pinned, "task_records": records}
+            atomic_write_json(directory / CONFIG_FILE, record)
+            _settle(directory, record)
+
+    def _backbone_blob(self) -> bytes:
+        """``backbone.safetensors`` as bytes, its metadata naming format, version and fingerprint."""
+        meta = {"format": "recast-backbone", "format_version": FORMAT_VERSION, "fingerprint": self.fingerprint,
+                "library_version": __version__}
+        return safetensors.torch.save(self.backbone_tensors(), meta)
 
     def _config_record(self) -> dict[str, Any]:
         return {
@@ -357,15 +382,48 @@ class RecastModel(nn.Module):
         return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
     def save_task(self, directory: str | Path, name: str, meta: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Write ``tasks/<name>.safetensors`` and ``tasks/<name>.json``; returns the JSON record."""
-        info = self.tasks.get(name)
+        """Write ``tasks/<name>.safetensors`` and ``tasks/<name>.json``; returns the JSON record.
+
+        In a model directory the task is committed by rewriting ``recast_config.json`` (which pins
+        every file's sha256), under the directory lock, so concurrent writers each add their task
+        and a crash leaves the previous version. Without a config, the task's JSON is the commit
+        point. Refused when the directory holds another backbone: the task could never load there.
+        """
         self._require_task(name)
-        if meta:
-            info.meta.update(meta)
+        directory = Path(directory)
+        with lock_directory(directory):
+            if meta:
+                self.tasks[name].meta.update(meta)
+            data, record = self._task_blob(name)
+            path = directory / TASKS_DIR / f"{name}.safetensors"
+            committed = _committed_record(directory)
+            if committed is None:
+                write_staged(path, data)
+                atomic_write_json(path.with_suffix(".json"), record)
+                promote(path, record["sha256"])
+                return record
+            _settle(directory, committed)
+            if committed.get("fingerprint") != self.fingerprint:
+                raise FileFormatError(
+                    f"{directory / CONFIG_FILE}: this directory holds another backbone (fingerprint "
+                    f"{str(committed.get('fingerprint'))[:12]}..., this model's is {self.fingerprint[:12]}...); "
+                    "save the task next to the backbone it was trained on, or save_pretrained to a new directory"
+                )
+            write_staged(path, data)
+            committed["task_records"][name] = record
+            committed["tasks"] = [*[t for t in committed.get("tasks", []) if t != name], name]
+            atomic_write_json(directory / CONFIG_FILE, committed)
+            _settle(directory, committed)
+        return record
+
+    def _task_blob(self, name: str) -> tuple[bytes, dict[str, Any]]:
+        """Task ``name``'s safetensors bytes and its JSON record (which pins their sha256)."""
+        info = self.tasks[name]
         header = {"format": "recast-task", "format_version": FORMAT_VERSION, "fingerprint": self.fingerprint, "task": name}
         data = safetensors.torch.save(self.task_tensors(name), header)
         record = {
             **info.meta,
+            "format": "recast-task",
             "task": name,
             "format_version": FORMAT_VERSION,
             "num_classes": info.num_classes,
@@ -374,27 +432,38 @@ class RecastModel(nn.Module):
             "params": self.task_parameters(name),
             "effective_coefficients": self.effective_coefficients(),
             "bytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest(),
+            "sha256": sha256_hex(data),
             "fingerprint": self.fingerprint,
         }
-        tasks_dir = Path(directory) / TASKS_DIR
-        atomic_write_bytes(tasks_dir / f"{name}.safetensors", data)
-        atomic_write_json(tasks_dir / f"{name}.json", record)
-        return record
+        return data, record
 
     def load_task(self, directory: str | Path, name: str, *, replace: bool = False) -> None:
-        """Read task ``name`` from a model directory; on any error the model is left unchanged."""
-        tasks_dir = Path(directory) / TASKS_DIR
-        record = read_json(tasks_dir / f"{name}.json")
-        tensor_path = tasks_dir / f"{name}.safetensors"
-        data = _read_bytes(tensor_path)
+        """Read task ``name`` from a model directory; on any error the model is left unchanged.
+
+        The record comes from ``recast_config.json`` when it lists the task, else from
+        ``tasks/<name>.json``; the tensor file must have the recorded sha256, format, version and
+        this model's bank fingerprint.
+        """
+        directory = Path(directory)
+        if not isinstance(name, str) or not _TASK_NAME.match(name):
+            raise TaskError(f"invalid task name {name!r}: use letters, digits, '_' and '-' (at most 64)")
+        record, source = _task_record(directory, name)
+        self._load_task_record(directory, name, record, source, replace=replace)
+
+    def _load_task_record(
+        self, directory: Path, name: str, record: Any, source: Path, *, replace: bool
+    ) -> None:
+        """Check ``record`` and its tensor file, then install the task (all or nothing)."""
+        tensor_path = directory / TASKS_DIR / f"{name}.safetensors"
+        self._check_task_record(source, record)
+        data = read_checked(tensor_path, record["sha256"])
         tensors = self._check_task_file(tensor_path, record, data)
         if name in self.tasks and not replace:
             raise TaskError(f"task {name!r} is already loaded; pass replace=True to overwrite it")
         info = TaskInfo(
-            num_classes=int(record["num_classes"]),
+            num_classes=record["num_classes"],
             class_names=record.get("class_names"),
-            own_bn=bool(record.get("own_bn", False)),
+            own_bn=record.get("own_bn", False),
             meta={k: v for k, v in record.items() if k not in _RECORD_KEYS},
         )
         staging = f"{name}~loading"
@@ -412,25 +481,44 @@ class RecastModel(nn.Module):
         if self.active_task in (name, None):
             self.set_task(name)
 
+    def _check_task_record(self, source: Path, record: Any) -> None:
+        """Refuse a task record with missing or ill-typed fields, another version or another backbone."""
+        if not isinstance(record, dict):
+            raise FileFormatError(f"{source}: not a recast task record (expected a JSON object)")
+        problems = _task_record_problems(record)
+        if problems:
+            raise FileFormatError(f"{source}: not a valid recast task record: " + "; ".join(problems))
+        if record.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
+            raise FileFormatError(
+                f"{source}: task format version {record.get('format_version')!r}, this library reads "
+                f"{FORMAT_VERSION}; use the recast version that wrote it"
+            )
+        fingerprint = record.get("fingerprint", self.fingerprint)
+        if fingerprint != self.fingerprint:
+            raise FileFormatError(
+                f"{source}: made for another backbone (bank fingerprint {str(fingerprint)[:12]}..., "
+                f"this model's is {self.fingerprint[:12]}...); load it with the backbone it was trained on"
+            )
+
     def _check_task_file(self, path: Path, record: dict[str, Any], data: bytes) -> dict[str, Tensor]:
-        if not isinstance(record, dict) or "num_classes" not in record:
-            raise FileFormatError(f"{path.with_suffix('.json')}: not a recast task record")
-        if record.get("sha256") and hashlib.sha256(data).hexdigest() != record["sha256"]:
-            raise FileFormatError(f"{path}: checksum mismatch (the file is corrupt or was changed after saving)")
-        try:
-            tensors = safetensors.torch.load(data)
-            header = _safetensors_metadata(data)
-        except Exception as exc:  # safetensors raises several types for corrupt input
-            raise FileFormatError(f"{path}: not a readable safetensors file ({exc})") from None
+        """The tensors of a task file whose metadata says: recast task, this version, this backbone."""
+        tensors, header = _read_safetensors(path, data)
         if header.get("format") != "recast-task":
-            raise FileFormatError(f"{path}: not a recast task file")
+            raise FileFormatError(f"{path}: not a recast task file (its metadata has no format 'recast-task')")
         if header.get("format_version") != FORMAT_VERSION:
-            raise FileFormatError(f"{path}: format version {header.get('format_version')!r}, this library reads {FORMAT_VERSION}")
+            raise FileFormatError(
+                f"{path}: format version {header.get('format_version')!r}, this library reads {FORMAT_VERSION}; "
+                "use the recast version that wrote it"
+            )
         if header.get("fingerprint") != self.fingerprint:
             raise FileFormatError(
                 f"{path}: made for another backbone (bank fingerprint {str(header.get('fingerprint'))[:12]}..., "
                 f"this model's is {self.fingerprint[:12]}...); load it with the backbone it was trained on"
             )
+        head = tensors.get(f"{self.head_name}.weight")
+        rows = head.shape[0] if head is not None and head.dim() > 0 else self.head.in_features
+        if rows != record["num_classes"]:
+            raise FileFormatError(f"{path}: its head has {rows} outputs but its record says {record['num_classes']} classes")
         return tensors
 
     def _add_staging(self, staging: str, info: TaskInfo) -> None:
@@ -446,12 +534,7 @@ class RecastModel(nn.Module):
 
     def _load_task_tensors(self, task: str, tensors: dict[str, Tensor], path: Path) -> None:
         expected = self._packed_tensors(task)
-        problems = [f"missing {k}" for k in expected if k not in tensors]
-        problems += [f"unexpected {k}" for k in tensors if k not in expected]
-        problems += [
-            f"{k}: shape {tuple(tensors[k].shape)} in file, {tuple(v.shape)} here"
-            for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape
-        ]
+        problems = _tensor_problems(tensors, expected)
         if problems:
             raise FileFormatError(f"{path}: does not fit this model: " + "; ".join(problems[:10]))
         packed = tensors.get("coefficients")
@@ -472,20 +555,19 @@ class RecastModel(nn.Module):
         """Load a model directory written by :meth:`save_pretrained` (on the CPU).
 
         ``base`` is only needed when the directory's recipe cannot rebuild the architecture (a
-        model that is neither from timm nor torchvision); its weights are not used.
+        model that is neither from timm nor torchvision); its weights are not used. Every file is
+        checked against the sha256 and fingerprint the config pins; any problem raises
+        ``FileFormatError`` naming the file.
         """
         directory = Path(directory)
-        record = read_json(directory / CONFIG_FILE)
-        if not isinstance(record, dict) or record.get("format") != "recast-model":
-            raise FileFormatError(f"{directory / CONFIG_FILE}: not a recast model config")
-        if record.get("format_version") != FORMAT_VERSION:
-            raise FileFormatError(f"{directory}: format version {record.get('format_version')!r}, expected {FORMAT_VERSION}")
-        config = RecastConfig.from_dict(record["config"])
-        if base is None:
-            if not record.get("recipe"):
-                raise FileFormatError(f"{directory}: the base architecture is unknown; pass base=<an instance of it>")
-            base = build_from_recipe(record["recipe"])
-        net = copy.deepcopy(base)
+        path = directory / CONFIG_FILE
+        record = read_json(path)
+        _check_config_record(path, record)
+        try:
+            config = RecastConfig.from_dict(record["config"])
+        except ConfigError as exc:
+            raise FileFormatError(f"{path}: invalid config ({exc})") from None
+        net = copy.deepcopy(base if base is not None else _rebuild(path, record))
         plans = plan_banks(net, config)
         stored = [tuple(b["layers"]) for b in record.get("banks", [])]
         if stored != [p.layers for p in plans]:
@@ -495,27 +577,28 @@ class RecastModel(nn.Module):
             )
         empty = [_empty_fit(net, p, config.coef_sets) for p in plans]
         model = cls._assemble(net, config, plans, empty, record.get("recipe"))
-        for adapter in record.get("adapters", []):
-            model.add_adapter(adapter["kind"], **adapter.get("options", {}))
-        model._load_backbone(directory / BACKBONE_FILE, record["fingerprint"])
+        model._add_recorded_adapters(path, record.get("adapters", []))
+        model._load_backbone(directory, record)
         model.mimicry_report = dict(record.get("mimicry_report") or {})
         model._load_all_tasks(directory, record)
         return model
 
-    def _load_backbone(self, path: Path, expected_fingerprint: str) -> None:
-        data = _read_bytes(path)
-        try:
-            tensors = safetensors.torch.load(data)
-            header = _safetensors_metadata(data)
-        except Exception as exc:
-            raise FileFormatError(f"{path}: not a readable safetensors file ({exc})") from None
-        expected = self.backbone_tensors()
-        problems = [f"missing {k}" for k in expected if k not in tensors]
-        problems += [f"unexpected {k}" for k in tensors if k not in expected]
-        problems += [
-            f"{k}: {tuple(tensors[k].shape)} in file, {tuple(v.shape)} here"
-            for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape
-        ]
+    def _add_recorded_adapters(self, path: Path, adapters: list[dict[str, Any]]) -> None:
+        """Re-apply the adapters the config lists; a bad entry is a file error naming the config."""
+        for adapter in adapters:
+            try:
+                self.add_adapter(adapter["kind"], **adapter.get("options", {}))
+            except (RecastError, TypeError, ValueError, KeyError) as exc:
+                raise FileFormatError(f"{path}: cannot re-apply adapter {adapter.get('kind')!r} ({exc})") from None
+
+    def _load_backbone(self, directory: Path, record: dict[str, Any]) -> None:
+        """Fill banks and frozen weights from ``backbone.safetensors`` after checking sha256 and metadata."""
+        path = directory / BACKBONE_FILE
+        pinned = record.get("backbone_file")
+        data = read_checked(path, pinned["sha256"]) if pinned else _read_bytes(path)
+        tensors, header = _read_safetensors(path, data)
+        _check_backbone_header(path, header, record["fingerprint"])
+        problems = _tensor_problems(tensors, self.backbone_tensors())
         if problems:
             raise FileFormatError(f"{path}: does not fit the base model: " + "; ".join(problems[:10]))
         with torch.no_grad():
@@ -523,14 +606,22 @@ class RecastModel(nn.Module):
                 bank.templates.copy_(tensors[f"banks.{key}.templates"])
             net_state = {k[len("net."):]: v for k, v in tensors.items() if k.startswith("net.")}
             self.net.load_state_dict(net_state, strict=False)
-        if not (self.fingerprint == expected_fingerprint == header.get("fingerprint")):
+        if self.fingerprint != record["fingerprint"]:
             raise FileFormatError(f"{path}: bank fingerprint does not match recast_config.json (corrupt or mixed files)")
 
     def _load_all_tasks(self, directory: Path, record: dict[str, Any]) -> None:
-        on_disk = sorted(p.stem for p in (directory / TASKS_DIR).glob("*.json"))
-        order = [t for t in record.get("tasks", []) if t in on_disk] + [t for t in on_disk if t not in record.get("tasks", [])]
-        for name in order:
-            self.load_task(directory, name, replace=True)
+        """Load the tasks the config pins (or, for older directories, every ``tasks/*.json``)."""
+        records = record.get("task_records")
+        if records is None:
+            on_disk = sorted(p.stem for p in (directory / TASKS_DIR).glob("*.json"))
+            order = [t for t in record.get("tasks", []) if t in on_disk]
+            order += [t for t in on_disk if t not in order]
+            for name in order:
+                self.load_task(directory, name, replace=True)
+        else:
+            order = list(records)
+            for name, task_record in records.items():
+                self._load_task_record(directory, name, task_record, directory / CONFIG_FILE, replace=True)
         for name in [t for t in self.tasks if t not in order]:
             self.delete_task(name)
         active = record.get("active")
@@ -539,10 +630,9 @@ class RecastModel(nn.Module):
         elif self.tasks:
             self.set_task(next(iter(self.tasks)))
 
-
 _RECORD_KEYS = frozenset(
     {"task", "format_version", "num_classes", "class_names", "own_bn", "params", "effective_coefficients",
-     "bytes", "sha256", "fingerprint"}
+     "bytes", "sha256", "fingerprint", "format"}
 )
 
 
@@ -569,10 +659,179 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def _safetensors_metadata(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors blob (header length, then JSON)."""
+    """The ``__metadata__`` of a safetensors blob (header length, then JSON); {} when absent."""
     import json
 
     length = int.from_bytes(data[:8], "little")
     header = json.loads(data[8:8 + length])
-    return header.get("__metadata__", {}) or {}
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return {k: v for k, v in metadata.items() if isinstance(v, str)} if isinstance(metadata, dict) else {}
 
+
+def _committed_record(directory: Path) -> dict[str, Any] | None:
+    """The directory's config when it pins its files by sha256 (this format), else ``None``."""
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = read_json(path)
+        _check_config_record(path, record)
+    except FileFormatError:
+        return None
+    return record if "task_records" in record and "backbone_file" in record else None
+
+
+def _settle(directory: Path, record: dict[str, Any]) -> None:
+    """Finish a committed write: promote staged files, refresh task JSONs, drop leftovers.
+
+    Safe to repeat: a writer runs it after its commit, and the next writer runs it again first
+    in case the previous one was killed half-way through it.
+    """
+    promote(directory / BACKBONE_FILE, record["backbone_file"]["sha256"])
+    for name, task_record in record["task_records"].items():
+        path = directory / TASKS_DIR / f"{name}.safetensors"
+        promote(path, task_record["sha256"])
+        json_path = path.with_suffix(".json")
+        try:
+            current = read_json(json_path)
+        except FileFormatError:
+            current = None
+        if current != task_record:
+            atomic_write_json(json_path, task_record)
+    for leftover in leftover_files(directory):
+        leftover.unlink(missing_ok=True)
+
+
+def _kept_records(directory: Path, previous: dict[str, Any] | None, fingerprint: str) -> dict[str, dict[str, Any]]:
+    """Task records already in the directory that fit the backbone ``fingerprint`` (kept on save)."""
+    if previous is not None:
+        candidates = previous["task_records"]
+    else:
+        candidates = {}
+        for path in sorted((directory / TASKS_DIR).glob("*.json")):
+            try:
+                candidates[path.stem] = read_json(path)
+            except FileFormatError:
+                continue
+    return {
+        name: record for name, record in candidates.items()
+        if _TASK_NAME.match(name) and isinstance(record, dict) and not _task_record_problems(record)
+        and record.get("fingerprint") == fingerprint
+    }
+
+
+def _task_record(directory: Path, name: str) -> tuple[Any, Path]:
+    """Task ``name``'s record and the file it came from (the config when it pins the task)."""
+    committed = _committed_record(directory)
+    if committed is not None and name in committed["task_records"]:
+        return committed["task_records"][name], directory / CONFIG_FILE
+    path = directory / TASKS_DIR / f"{name}.json"
+    return read_json(path), path
+
+
+def _task_record_problems(record: dict[str, Any]) -> list[str]:
+    """What is missing or ill-typed in a task record (empty when it is usable)."""
+    problems = []
+    num_classes = record.get("num_classes")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        problems.append(f"num_classes must be a positive integer, got {num_classes!r}")
+    names = record.get("class_names")
+    if names is not None and not (
+        isinstance(names, list) and all(isinstance(n, str) for n in names) and len(names) == num_classes
+    ):
+        problems.append("class_names must be null or one string per class")
+    if not isinstance(record.get("own_bn", False), bool):
+        problems.append("own_bn must be true or false")
+    if not _is_sha256(record.get("sha256")):
+        problems.append("sha256 of the tensor file is missing or malformed")
+    return problems
+
+
+def _is_sha256(value: Any) -> bool:
+    """True for 64 lowercase hex digits."""
+    return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) is not None
+
+
+def _tensor_problems(tensors: dict[str, Tensor], expected: dict[str, Tensor]) -> list[str]:
+    """Differences in names, shapes and dtypes between tensors read from a file and the model's."""
+    problems = [f"missing {k}" for k in expected if k not in tensors]
+    problems += [f"unexpected {k}" for k in tensors if k not in expected]
+    for key, value in expected.items():
+        if key in tensors and tensors[key].shape != value.shape:
+            problems.append(f"{key}: shape {tuple(tensors[key].shape)} in file, {tuple(value.shape)} here")
+        elif key in tensors and tensors[key].dtype != value.dtype:
+            problems.append(f"{key}: dtype {tensors[key].dtype} in file, {value.dtype} here")
+    return problems
+
+
+def _check_config_record(path: Path, record: Any) -> None:
+    """Refuse a ``recast_config.json`` that is not this format and version, or has ill-typed fields."""
+    if not isinstance(record, dict) or record.get("format") != "recast-model":
+        raise FileFormatError(f"{path}: not a recast model config")
+    if record.get("format_version") != FORMAT_VERSION:
+        raise FileFormatError(
+            f"{path.parent}: format version {record.get('format_version')!r}, expected {FORMAT_VERSION}; "
+            "use the recast version that wrote it"
+        )
+    problems = [f"'{key}' must be {kind}" for key, (kind, ok) in _config_field_checks(record).items() if not ok]
+    if problems:
+        raise FileFormatError(f"{path}: not a valid recast model config: " + "; ".join(problems))
+
+
+def _config_field_checks(record: dict[str, Any]) -> dict[str, tuple[str, bool]]:
+    """Each field of a model config with (what it must be, whether it is)."""
+    banks, adapters, tasks = record.get("banks", []), record.get("adapters", []), record.get("tasks", [])
+    records, pinned = record.get("task_records", {}), record.get("backbone_file", {"sha256": "0" * 64})
+    return {
+        "config": ("an object", isinstance(record.get("config"), dict)),
+        "fingerprint": ("a sha256", _is_sha256(record.get("fingerprint"))),
+        "recipe": ("null or an object", record.get("recipe") is None or isinstance(record.get("recipe"), dict)),
+        "banks": ("a list of objects with 'layers' (strings)", isinstance(banks, list) and all(
+            isinstance(b, dict) and isinstance(b.get("layers"), list) and all(isinstance(x, str) for x in b["layers"])
+            for b in banks)),
+        "adapters": ("a list of objects with 'kind' and 'options'", isinstance(adapters, list) and all(
+            isinstance(a, dict) and isinstance(a.get("kind"), str) and isinstance(a.get("options", {}), dict)
+            for a in adapters)),
+        "tasks": ("a list of task names", isinstance(tasks, list) and all(isinstance(t, str) for t in tasks)),
+        "task_records": ("an object from task names to objects", isinstance(records, dict) and all(
+            isinstance(k, str) and _TASK_NAME.match(k) and isinstance(v, dict) for k, v in records.items())),
+        "backbone_file": ("an object with the sha256 of backbone.safetensors",
+                          isinstance(pinned, dict) and _is_sha256(pinned.get("sha256"))),
+        "mimicry_report": ("null or an object", isinstance(record.get("mimicry_report") or {}, dict)),
+    }
+
+
+def _check_backbone_header(path: Path, header: dict[str, str], fingerprint: str) -> None:
+    """Refuse a backbone file whose metadata names another format, version or model."""
+    if header.get("format", "recast-backbone") != "recast-backbone":
+        raise FileFormatError(f"{path}: not a recast backbone file (metadata format {header.get('format')!r})")
+    if header.get("format_version") != FORMAT_VERSION:
+        raise FileFormatError(
+            f"{path}: format version {header.get('format_version')!r}, this library reads {FORMAT_VERSION}; "
+            "use the recast version that wrote it"
+        )
+    if header.get("fingerprint") != fingerprint:
+        raise FileFormatError(
+            f"{path}: belongs to another model (bank fingerprint {str(header.get('fingerprint'))[:12]}..., "
+            f"recast_config.json says {fingerprint[:12]}...); keep each backbone with its own config"
+        )
+
+
+def _rebuild(path: Path, record: dict[str, Any]) -> nn.Module:
+    """The base architecture from the config's recipe (random weights), or a file error saying why not."""
+    if not record.get("recipe"):
+        raise FileFormatError(f"{path.parent}: the base architecture is unknown; pass base=<an instance of it>")
+    try:
+        return build_from_recipe(record["recipe"])
+    except RecastError:
+        raise
+    except Exception as exc:  # timm and torchvision raise many types for bad names or options
+        raise FileFormatError(f"{path}: cannot rebuild the base model from its recipe ({type(exc).__name__}: {exc})") from None
+
+
+def _read_safetensors(path: Path, data: bytes) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors blob; anything unreadable is a ``FileFormatError``."""
+    try:
+        return safetensors.torch.load(data), _safetensors_metadata(data)
+    except Exception as exc:  # safetensors raises several types for corrupt input
+        raise FileFormatError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None

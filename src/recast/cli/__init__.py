@@ -16,6 +16,7 @@ from recast.errors import RecastError
 COMMAND_MODULES = (
     "recast.cli.demo",
     "recast.cli.data",
+    "recast.cli.verify",
 )
 
 

@@ -1,0 +1,74 @@
+"""Tiny models and snapshots shared by the reliability tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from recast import RecastConfig, RecastModel
+from tests.helpers import tiny_vit
+
+
+def tiny_model(seed: int = 0, tasks: tuple[str, ...] = ("a",)) -> RecastModel:
+    """A 2-block ViT RECAST model with extra tasks whose coefficients differ from mimicry."""
+    model = RecastModel.from_base(tiny_vit(depth=2, seed=seed), RecastConfig(target="att", groups=1)).eval()
+    for index, name in enumerate(tasks):
+        model.add_task(name, 3 + index)
+        nudge(model, name, seed=seed * 100 + index)
+    return model
+
+
+def nudge(model: RecastModel, task: str, seed: int = 0, amount: float = 0.3) -> None:
+    """Move task ``task``'s coefficients and head by a seeded random amount, as training would."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, module in model.task_modules():
+            for value in module.task_tensors(task).values():
+                if value.is_floating_point():
+                    value.add_(amount * torch.randn(value.shape, generator=generator))
+
+
+def shift_backbone(model: RecastModel, seed: int = 0) -> None:
+    """Change the banks (so the fingerprint changes), as re-running mimicry would."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for bank in model.banks.values():
+            bank.templates.add_(0.01 * torch.randn(bank.templates.shape, generator=generator))
+
+
+def images() -> torch.Tensor:
+    """A fixed batch of 16-px images."""
+    return torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+
+
+def outputs(model: RecastModel) -> dict[str, torch.Tensor]:
+    """Every task's logits on :func:`images` (restores the active task)."""
+    active, result = model.active_task, {}
+    with torch.no_grad():
+        for name in model.tasks:
+            model.set_task(name)
+            result[name] = model(images())
+    if active is not None:
+        model.set_task(active)
+    return result
+
+
+def snapshot(model: RecastModel) -> dict[str, Any]:
+    """What must not change after a refused load: task names, active task, every output."""
+    return {"tasks": list(model.tasks), "active": model.active_task, "outputs": outputs(model)}
+
+
+def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Snapshots (or output dicts) equal bit for bit."""
+    if isinstance(a.get("outputs"), dict):
+        return a["tasks"] == b["tasks"] and a["active"] == b["active"] and same(a["outputs"], b["outputs"])
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def flip_byte(path: Path, offset: int = -3) -> None:
+    """Flip every bit of one byte of ``path``."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))

@@ -46,6 +46,8 @@ def test_shipped_backbone_with_new_head_and_data_config() -> None:
     assert recipe_of(model)["kwargs"]["num_classes"] == 7
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 7)
     assert tuple(data_config(model)["input_size"]) == (3, 32, 32)
+    rebuilt = build_from_recipe(recipe_of(model))
+    assert data_config(rebuilt) == data_config(model)  # the recipe carries the data config
 
 
 def test_corrupt_shipped_file_fails_its_checksum(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

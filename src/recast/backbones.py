@@ -68,13 +68,15 @@ def build_shipped_architecture(name: str, *, num_classes: int) -> nn.Module:
 
 
 def _create_timm(name: str, kwargs: dict[str, Any], data_config: dict[str, Any]) -> nn.Module:
-    """``timm.create_model`` without weights, with a pretrained config saying how inputs look."""
+    """``timm.create_model`` without weights, with a pretrained config saying how inputs look.
+
+    The data config goes in as timm's ``pretrained_cfg_overlay`` and so into the recipe: a model
+    rebuilt from its recipe resolves the same input size, mean/std and interpolation.
+    """
     import timm
 
+    kwargs = {**kwargs, "pretrained_cfg_overlay": dict(data_config)}
     model = timm.create_model(name, pretrained=False, **kwargs)
-    config = dict(data_config)
-    config["input_size"] = tuple(config["input_size"])
-    model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), **config}
     return attach_recipe(model, "timm", name, **kwargs)
 
 

@@ -1,17 +1,24 @@
 """Neural Mimicry: fitting template banks and coefficients to pretrained weights (REFERENCE 3).
 
 A fit works on plain tensors: each ``FitProblem`` is one (group, role) with the stacked pretrained
-weights of its layers. Methods are looked up by name in ``METHODS``; each returns one ``FitResult``
-per problem. ``fidelity`` measures any result against its targets, so every method is reported the
-same way.
+weights of its layers. Methods are looked up by name with ``registered_methods()``; each returns one
+``FitResult`` per problem. ``fidelity`` measures any result against its targets, so every method is
+reported the same way.
+
+Methods: ``svd`` (closed form, here), ``iterative`` and ``svd+iterative`` (the paper's fit,
+``recast.mimicry_iterative``), ``encoder`` and ``vae`` (weight-to-coefficient encoders,
+``recast.mimicry_encoder``). Model-level tools live in ``recast.mimicry_features`` and are
+re-exported here lazily: ``feature_fidelity``, ``refine_with_data``, ``weight_fidelity``,
+``compression_curve``, ``plot_curve``.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -44,10 +51,15 @@ class FitProblem:
 
 @dataclass
 class FitResult:
-    """A fitted bank: ``templates`` ``(n, *shape)`` and ``coefficients`` ``(L, K, n)``."""
+    """A fitted bank: ``templates`` ``(n, *shape)`` and ``coefficients`` ``(L, K, n)``.
+
+    ``losses`` is the objective per optimisation step for methods that iterate (the same joint list
+    for every problem of one fit), empty for closed forms.
+    """
 
     templates: Tensor
     coefficients: Tensor
+    losses: list[float] = field(default_factory=list)
 
 
 FitMethod = Callable[..., list[FitResult]]
@@ -96,8 +108,17 @@ def _spare_directions(basis: Tensor, count: int, flat: Tensor, generator: torch.
 
 
 def registered_methods() -> dict[str, FitMethod]:
-    """Name -> fit function for every mimicry method."""
-    return {"svd": fit_svd}
+    """Name -> fit function for every mimicry method (imported here, when asked, to keep imports light)."""
+    from recast.mimicry_encoder import fit_encoder, fit_vae
+    from recast.mimicry_iterative import fit_iterative, fit_svd_iterative
+
+    return {
+        "svd": fit_svd,
+        "iterative": fit_iterative,
+        "svd+iterative": fit_svd_iterative,
+        "encoder": fit_encoder,
+        "vae": fit_vae,
+    }
 
 
 def fit(problems: list[FitProblem], method: str = "svd", **options: Any) -> tuple[list[FitResult], float]:
@@ -105,11 +126,13 @@ def fit(problems: list[FitProblem], method: str = "svd", **options: Any) -> tupl
     methods = registered_methods()
     if method not in methods:
         raise ConfigError(f"unknown mimicry method {method!r}; choose one of {', '.join(methods)}")
-    start = time.perf_counter()
     try:
-        results = methods[method](problems, **options)
+        inspect.signature(methods[method]).bind(problems, **options)
     except TypeError as exc:
-        raise ConfigError(f"bad options for mimicry method {method!r}: {exc}") from None
+        allowed = [p for p in inspect.signature(methods[method]).parameters if p != "problems"]
+        raise ConfigError(f"bad options for mimicry method {method!r} ({exc}); it takes: {', '.join(allowed)}") from None
+    start = time.perf_counter()
+    results = methods[method](problems, **options)
     return results, time.perf_counter() - start
 
 
@@ -135,3 +158,18 @@ def fidelity(problems: list[FitProblem], results: list[FitResult]) -> dict[str, 
         "weight_rel_error": math.sqrt(err_sq / ref_sq) if ref_sq else 0.0,
         "layers": per_layer,
     }
+
+
+_LAZY_EXPORTS = {
+    name: "recast.mimicry_features"
+    for name in ("feature_fidelity", "refine_with_data", "weight_fidelity", "compression_curve", "plot_curve")
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Model-level mimicry tools, importable from here without a circular import at load time."""
+    if name in _LAZY_EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

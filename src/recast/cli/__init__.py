@@ -15,6 +15,7 @@ from recast.errors import RecastError
 
 COMMAND_MODULES = (
     "recast.cli.demo",
+    "recast.cli.mimic",
     "recast.cli.data",
     "recast.cli.verify",
 )

@@ -612,16 +612,17 @@ def remove_checkpoint(directory: str | Path) -> None:
 
 
 # --------------------------------------------------------------------- multi-task inference
-def forward_mixed(model: nn.Module, images: Tensor, tasks: Sequence[str]) -> Tensor:
+def forward_mixed(model: nn.Module, images: Tensor, tasks: Sequence[str], *, single_forward: bool = True) -> Tensor:
     """Logits for a batch whose samples belong to different tasks, padded with ``-inf`` to the widest head.
 
-    Uses ``model.forward_tasks`` where the model has it (one forward over the whole batch);
-    otherwise groups the samples by task, one forward per task. The active task is restored.
+    Uses ``model.forward_tasks`` where the model has it and ``single_forward`` is set (one forward
+    over the whole batch); otherwise groups the samples by task, one forward per task, restoring
+    the active task afterwards.
     """
     if len(tasks) != images.shape[0]:
         raise ConfigError(f"{len(tasks)} task names for a batch of {images.shape[0]} samples")
     forward_tasks: Callable[..., Tensor] | None = getattr(model, "forward_tasks", None)
-    if forward_tasks is not None:
+    if forward_tasks is not None and single_forward:
         return forward_tasks(images, list(tasks))
     active = model.active_task  # type: ignore[attr-defined]
     pieces: dict[str, tuple[list[int], Tensor]] = {}

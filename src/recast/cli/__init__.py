@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "recast.cli.demo",
     "recast.cli.mimic",
     "recast.cli.data",
+    "recast.cli.train",
     "recast.cli.verify",
 )
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from test_train import COLOURS_A, COLOURS_B, colour_folder, tiny_model
 
 from recast.errors import RecastError
+from test_train import COLOURS_A, COLOURS_B, colour_folder, tiny_model
 
 # Runs the CLI in a child process: the full `recast` parser when every command module imports,
 # else only the commands under test (other command modules may still be missing in a checkout).

@@ -1,0 +1,101 @@
+"""What every adapter shares: the wrapper base class, architecture detection and installation.
+
+An adapter wraps one module of the network (a plain or generated Linear/Conv2d, or a ViT MLP) and
+keeps its own weights per task, so it is a :class:`~recast.tasks.TaskModule` of kind ``adapter``.
+The wrapped module stays reachable as ``inner`` and keeps its own per-task state (coefficients),
+so adapters combine with RECAST by wrapping generated layers.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Callable, Iterable
+from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from recast.layers import GeneratedConv2d, GeneratedLinear
+from recast.tasks import TaskModule, TaskSpec
+
+if TYPE_CHECKING:
+    from recast.model import RecastModel
+
+LINEAR_TYPES = (nn.Linear, GeneratedLinear)
+CONV_TYPES = (nn.Conv2d, GeneratedConv2d)
+
+
+class AdapterModule(TaskModule):
+    """A ``TaskModule`` that wraps ``inner`` and adds one adapter state per task.
+
+    Subclasses compute ``inner`` on the whole batch (it routes mixed-task batches itself) and send
+    only their own contribution through ``TaskModule.forward`` (which routes per task).
+    """
+
+    kind = "adapter"
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def factory(self) -> dict[str, Any]:
+        """``device`` and ``dtype`` of the wrapped module, for new per-task tensors."""
+        ref = next(itertools.chain(self.inner.parameters(), self.inner.buffers()))
+        return {"device": ref.device, "dtype": ref.dtype}
+
+    def plain_inner(self, task: str) -> nn.Module:
+        """The wrapped module as an ordinary module for ``task``.
+
+        ``RecastModel.export`` converts the deepest modules first, so ``inner`` may already be plain.
+        """
+        if isinstance(self.inner, TaskModule):
+            return self.inner.to_plain(task)
+        return copy.deepcopy(self.inner)
+
+    def inner_weight(self, task: str) -> torch.Tensor:
+        """The wrapped layer's weight for ``task`` (generated per task, or the plain frozen one)."""
+        weight_for = getattr(self.inner, "weight_for", None)
+        return weight_for(task) if weight_for is not None else self.inner.weight
+
+
+def architecture(net: nn.Module) -> str:
+    """``"vit"`` (timm-style ``blocks.*.attn.qkv``), ``"resnet"`` (``layer*.*.conv*``) or ``"other"``."""
+    names = [name for name, _ in net.named_modules()]
+    if any(fnmatchcase(n, "blocks.*.attn.qkv") for n in names):
+        return "vit"
+    if any(fnmatchcase(n, "layer*.*.conv*") for n in names):
+        return "resnet"
+    return "other"
+
+
+def outside_task_state(name: str) -> bool:
+    """True for modules that are part of the network, not of some task's state."""
+    return "per_task" not in name.split(".")
+
+
+def matching(net: nn.Module, patterns: Iterable[str], types: tuple[type, ...]) -> list[str]:
+    """Names of modules of ``types`` matching any of ``patterns`` (``fnmatch``), in module order."""
+    patterns = tuple(patterns)
+    return [
+        name for name, module in net.named_modules()
+        if isinstance(module, types) and outside_task_state(name) and any(fnmatchcase(name, p) for p in patterns)
+    ]
+
+
+def install(model: RecastModel, names: list[str], wrap: Callable[[nn.Module], AdapterModule]) -> list[AdapterModule]:
+    """Replace each named module of ``model.net`` by ``wrap(module)`` and give it every task's state.
+
+    New states are identity-initialised by the adapters, so no existing task's output changes.
+    """
+    wrappers = []
+    for name in names:
+        wrapper = wrap(model.net.get_submodule(name))
+        model.net.set_submodule(name, wrapper)
+        for task, info in model.tasks.items():
+            wrapper.add_task(task, TaskSpec(num_classes=info.num_classes, own_bn=info.own_bn))
+        if model.active_task is not None:
+            wrapper.activate(model.active_task)
+        wrappers.append(wrapper)
+    return wrappers

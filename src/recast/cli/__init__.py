@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "recast.cli.data",
     "recast.cli.train",
     "recast.cli.verify",
+    "recast.cli.bench",
 )
 
 

@@ -1,0 +1,67 @@
+"""``recast bench``: run a comparison suite, or measure the speed figures, and write the report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``bench`` subcommand."""
+    parser = subparsers.add_parser(
+        "bench",
+        help="compare RECAST with adapters and baselines; write JSON per run, RESULTS.md and plots",
+        description="Learn a suite of tasks with every method on every backbone and seed, one run at a time "
+        "(finished runs are kept and skipped), then write RESULTS.md and the plots made from the run files. "
+        "Suites: 'offline' (built-in datasets, shipped 32-px ViT and ResNet, EfficientNet-Lite0; runs on a "
+        "CPU) and 'paper' (ViT-S/16 and ResNet-34 with hub weights on six datasets from --data-root; for a GPU).",
+    )
+    parser.add_argument("--suite", choices=("offline", "paper"), default="offline")
+    parser.add_argument("--quick", action="store_true", help="offline suite reduced: subsampled training, few epochs, one seed")
+    parser.add_argument("--methods", nargs="+", help="only these methods (e.g. recast lora linear, or recast:att)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="seeds (default: the suite's; the paper's are 42 1998 3142592)")
+    parser.add_argument("--backbones", nargs="+", help="only these backbones of the suite (e.g. vit32)")
+    parser.add_argument("--data-root", type=Path, default=Path("data"), help="paper suite: folder holding the datasets")
+    parser.add_argument("--out", type=Path, default=Path("results"), help="results folder (default: %(default)s)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and which data roots are missing")
+    parser.add_argument("--report-only", action="store_true", help="only rebuild RESULTS.md and plots from --out/runs")
+    parser.add_argument("--restart", action="store_true", help="rerun runs whose result file already exists")
+    parser.add_argument("--perf", action="store_true", help="measure the speed and memory ratios instead (see --json)")
+    parser.add_argument("--json", action="store_true", help="with --perf: print one JSON object of ratios")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch to the perf figures, the report, the dry run or the suite."""
+    from recast import bench
+    from recast.report import write_report
+
+    if args.perf:
+        from recast.perf_bench import run_perf
+
+        figures = run_perf(progress=not args.json)
+        print(json.dumps(figures, indent=2) if args.json else _format_perf(figures))
+        return 0
+    if args.report_only:
+        print(f"wrote {write_report(args.out)}")
+        return 0
+    suite = bench.offline_suite(args.quick) if args.suite == "offline" else bench.paper_suite(args.data_root)
+    runs = bench.plan(suite, args.methods, args.seeds, args.backbones)
+    print(bench.describe(suite, runs))
+    if args.dry_run:
+        return 0
+    if bench.missing_data(suite):
+        print("recast: error: some data roots are missing (see above); fix --data-root or download them first")
+        return 2
+    report = bench.run_suite(suite, runs, args.out, progress=True, resume=not args.restart)
+    print(f"wrote {report} and the plots beside it")
+    return 0
+
+
+def _format_perf(figures: dict) -> str:
+    lines = []
+    for name, entry in figures.items():
+        if isinstance(entry, dict) and "ratio" in entry:
+            lines.append(f"{name:40s} {entry['ratio']:8.3f}   ({entry['a']:.4g} {entry['unit']} / {entry['b']:.4g} {entry['unit']})")
+    return "\n".join(lines)

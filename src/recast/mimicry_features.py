@@ -265,7 +265,7 @@ def plot_curve(points: list[dict[str, Any]], path: str | Path, title: str = "Neu
     from matplotlib.figure import Figure
 
     ns = [p["templates"] for p in points]
-    figure = Figure(figsize=(6.4, 4.0), dpi=120)
+    figure = Figure(figsize=(6.4, 4.4), dpi=120, layout="constrained")
     FigureCanvasAgg(figure)
     axis = figure.add_subplot()
     axis.plot(ns, [p["weight_rel_error"] for p in points], "o-", label="weight rel. error")
@@ -274,14 +274,12 @@ def plot_curve(points: list[dict[str, Any]], path: str | Path, title: str = "Neu
     axis.set_xlabel("templates per bank (n)")
     axis.set_ylabel("error")
     axis.set_xticks(ns)
-    axis.legend(loc="upper center")
     size = axis.twinx()
     size.plot(ns, [p["backbone_bytes"] / 2**20 for p in points], "^:", color="tab:red", label="backbone MiB")
     size.axhline(points[0]["original_bytes"] / 2**20, color="tab:red", alpha=0.3, label="original MiB")
     size.set_ylabel("backbone MiB", color="tab:red")
-    size.legend(loc="upper right")
     axis.set_title(title)
-    figure.tight_layout()
+    figure.legend(loc="outside lower center", ncol=2, fontsize="small")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)

@@ -226,6 +226,7 @@ def run_one(suite: Suite, run: Run, out: Path, progress: bool = False,
             f"(val {result.val_accuracy:.3f}), {record['bytes']} bytes")
         return int(record["bytes"])
 
+    model.save_pretrained(model_dir)  # the backbone once; each task file is added as it is learned
     start = time.perf_counter()
     outcome = learn_sequence(model, tasks, config, progress=progress, on_task=save)
     record = {"method": run.method, "backbone": run.backbone.key, "backbone_spec": run.backbone.spec,

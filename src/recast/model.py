@@ -792,6 +792,7 @@ def _config_field_checks(record: dict[str, Any]) -> dict[str, tuple[str, bool]]:
         "adapters": ("a list of objects with 'kind' and 'options'", isinstance(adapters, list) and all(
             isinstance(a, dict) and isinstance(a.get("kind"), str) and isinstance(a.get("options", {}), dict)
             for a in adapters)),
+        "active": ("null or a task name", record.get("active") is None or isinstance(record.get("active"), str)),
         "tasks": ("a list of task names", isinstance(tasks, list) and all(isinstance(t, str) for t in tasks)),
         "task_records": ("an object from task names to objects", isinstance(records, dict) and all(
             isinstance(k, str) and _TASK_NAME.match(k) and isinstance(v, dict) for k, v in records.items())),

@@ -144,7 +144,12 @@ def _load_shipped(name: str, weights: str | None) -> nn.Module:
     from safetensors.torch import load
 
     model = _create_timm(manifest["recipe"]["name"], manifest["recipe"]["kwargs"], manifest["data_config"])
-    load_state(model, {k: v.float() for k, v in load(data).items()}, str(path))
+    state = {k: v.float() for k, v in load(data).items()}
+    # Shipped files hold the floating-point tensors only; BatchNorm's step counters are not weights.
+    for key, value in model.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            state.setdefault(key, value)
+    load_state(model, state, str(path))
     return model
 
 

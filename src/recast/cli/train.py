@@ -39,7 +39,6 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
         "interrupted run to the same result. With --sequence, tasks are learned one after another and every "
         "earlier task is re-evaluated after each (accuracy matrix, average accuracy, forgetting, backward "
         "transfer), over several seeds. Runs under `torchrun --nproc_per_node N -m recast train ...` too.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("directory", metavar="DIR", help="model directory (created with --model if missing)")
     what = parser.add_mutually_exclusive_group(required=True)
@@ -49,19 +48,19 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", metavar="SPEC", help="data spec (with --task): imagefolder:PATH, csv:PATH, "
                         "torchvision:NAME:ROOT or builtin:NAME")
     parser.add_argument("--model", metavar="SPEC", help="create DIR from this backbone first (see `recast models list`)")
-    parser.add_argument("--target", default="att", help="layers to rewrite when creating DIR: att, mlp, att+mlp, conv")
+    parser.add_argument("--target", default="att", help="layers to rewrite when creating DIR: att (default), mlp, att+mlp, conv")
     parser.add_argument("--weights", metavar="FILE", help="local weights for --model timm:NAME")
     parser.add_argument("--config", metavar="FILE", help="JSON or TOML file of training options; flags override it")
     _add_train_options(parser)
     parser.add_argument("--own-bn", action="store_true", help="keep this task's own BatchNorm statistics")
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="validation share carved from train")
-    parser.add_argument("--data-seed", type=int, default=0, help="seed of the carved validation/test splits")
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="validation share carved from train when the data has no validation split (0.1)")
+    parser.add_argument("--data-seed", type=int, default=0, help="seed of the carved validation/test splits (0)")
     parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoints/NAME")
     parser.add_argument("--log-csv", metavar="FILE", help="write the per-epoch history to this CSV file")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: a GPU when there is one)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or per-epoch lines")
     parser.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)),
-                        help="comma-separated seeds for --sequence (mean and std over them)")
+                        help="comma-separated seeds for --sequence, mean and std over them (42,1998,3142592)")
     parser.add_argument("--out", metavar="DIR", help="where --sequence writes its result JSON (default DIR/results)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(func=_cmd_train)

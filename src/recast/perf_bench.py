@@ -3,8 +3,8 @@
 Every ratio is A over B (lower is better) with both absolute figures beside it. Training step
 time and peak memory are measured in a fresh worker process per method (``python -m
 recast.perf_bench --worker METHOD``) so that one method's allocations cannot inflate another's
-peak; the rest runs in this process. The backbone is timm ``vit_small_patch16_224`` at 224 px
-(random weights: speed does not depend on their values) and the batch is the same for all.
+peak; the rest runs in this process. The backbone is timm ``vit_small_patch16_224`` at 224 px by
+default (random weights: speed does not depend on their values) and the batch is the same for all.
 """
 
 from __future__ import annotations
@@ -17,19 +17,46 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-WORKER_METHODS = ("recast-att", "recast-att+mlp", "lora", "full", "linear")
+WORKER_METHODS = ("recast-att", "recast-mlp", "recast-att+mlp", "lora", "full", "linear")
 
 
-def _vit_small() -> nn.Module:
-    from recast.recipe import create_timm
+@dataclass(frozen=True)
+class PerfSetup:
+    """The backbone (a timm name and its kwargs) and batch every figure is measured on."""
 
-    return create_timm("vit_small_patch16_224", num_classes=10)
+    model: str = "vit_small_patch16_224"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    batch: int = 8
+    steps: int = 4
+    warmup: int = 2
+
+    @property
+    def image_size(self) -> int:
+        """Input side length: ``img_size`` when given, else 224."""
+        return int(self.kwargs.get("img_size", 224))
+
+    def base(self) -> nn.Module:
+        """A fresh base model with random weights and a 10-class head."""
+        from recast.recipe import create_timm
+
+        return create_timm(self.model, **{"num_classes": 10, **self.kwargs})
+
+    def recast_config(self, target: str, base: nn.Module) -> Any:
+        """The paper's G=6, n=2, K=2 where the depth allows it (one group otherwise)."""
+        from recast import RecastConfig
+
+        return RecastConfig(target=target, groups=6 if len(base.blocks) % 6 == 0 else 1)
+
+    def images(self) -> torch.Tensor:
+        """A random batch of the setup's size."""
+        return torch.randn(self.batch, 3, self.image_size, self.image_size)
 
 
 def _lora(base: nn.Module, rank: int = 8) -> nn.Module:
@@ -40,13 +67,13 @@ def _lora(base: nn.Module, rank: int = 8) -> nn.Module:
     return get_peft_model(base, config)
 
 
-def build_for_training(method: str) -> nn.Module:
+def build_for_training(method: str, setup: PerfSetup) -> nn.Module:
     """The model whose training step ``method`` names, with only its own parameters trainable."""
-    from recast import RecastConfig, RecastModel
+    from recast import RecastModel
 
-    base = _vit_small()
+    base = setup.base()
     if method.startswith("recast-"):
-        model = RecastModel.from_base(base, RecastConfig(target=method.removeprefix("recast-")))
+        model = RecastModel.from_base(base, setup.recast_config(method.removeprefix("recast-"), base))
         model.add_task("t", 10)
         model.set_task("t")
         return model
@@ -58,38 +85,40 @@ def build_for_training(method: str) -> nn.Module:
     return base  # full: every weight
 
 
-def time_train_steps(model: nn.Module, batch: int, steps: int, warmup: int = 2) -> float:
-    """Median seconds of one AdamW step (forward, backward, clip, update) after ``warmup`` steps."""
+def time_train_steps(model: nn.Module, setup: PerfSetup) -> float:
+    """Median seconds of one AdamW step (forward, backward, clip, update) after the warm-up steps."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=1e-4)
-    images, labels = torch.randn(batch, 3, 224, 224), torch.randint(10, (batch,))
+    images, labels = setup.images(), torch.randint(10, (setup.batch,))
     model.train()
     times = []
-    for step in range(warmup + steps):
+    for step in range(setup.warmup + setup.steps):
         start = time.perf_counter()
         optimiser.zero_grad(set_to_none=True)
         loss = nn.functional.cross_entropy(model(images), labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimiser.step()
-        if step >= warmup:
+        if step >= setup.warmup:
             times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def worker(method: str, batch: int, steps: int) -> dict[str, float]:
+def worker(method: str, setup: PerfSetup) -> dict[str, float]:
     """Run in a fresh process: step time and this process's peak RSS (MiB) for ``method``."""
     from recast.train import peak_rss_mb
 
     torch.manual_seed(0)
-    model = build_for_training(method)
+    model = build_for_training(method, setup)
     baseline_rss = peak_rss_mb()
-    seconds = time_train_steps(model, batch, steps)
-    return {"step_seconds": seconds, "peak_rss_mb": peak_rss_mb(), "rss_before_training_mb": baseline_rss}
+    seconds = time_train_steps(model, setup)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"step_seconds": seconds, "peak_rss_mb": peak_rss_mb(), "rss_before_training_mb": baseline_rss,
+            "trainable_params": trainable}
 
 
-def _run_worker(method: str, batch: int, steps: int) -> dict[str, float]:
-    command = [sys.executable, "-m", "recast.perf_bench", "--worker", method, "--batch", str(batch), "--steps", str(steps)]
+def _run_worker(method: str, setup: PerfSetup) -> dict[str, float]:
+    command = [sys.executable, "-m", "recast.perf_bench", "--worker", method, "--setup", json.dumps(asdict(setup))]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"perf worker {method} failed:\n{result.stderr[-2000:]}")
@@ -110,12 +139,13 @@ def _median_time(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
-def switch_figures(repeats: int = 7) -> dict[str, Any]:
+def switch_figures(setup: PerfSetup, repeats: int = 7) -> dict[str, Any]:
     """Task switch from a file: RECAST (load + activate + weight generation) vs PEFT load_adapter + set_adapter."""
-    from recast import RecastConfig, RecastModel
+    from recast import RecastModel
 
-    model = RecastModel.from_base(_vit_small(), RecastConfig(target="att"))
-    peft_model = _lora(_vit_small())
+    base = setup.base()
+    model = RecastModel.from_base(base, setup.recast_config("att", base))
+    peft_model = _lora(setup.base())
     with tempfile.TemporaryDirectory() as tmp:
         model.add_task("b", 10)
         model.save_pretrained(tmp)
@@ -143,14 +173,14 @@ def switch_figures(repeats: int = 7) -> dict[str, Any]:
     return {"switch_recast_over_peft": {**ratio(recast_s, peft_s, "s"), **sizes}}
 
 
-def eval_figures(batch: int, repeats: int = 5) -> dict[str, Any]:
+def eval_figures(setup: PerfSetup, repeats: int = 5) -> dict[str, Any]:
     """Evaluation forward (no grad) of a RECAST model and of its export, against the plain base."""
-    from recast import RecastConfig, RecastModel
+    from recast import RecastModel
 
-    base = _vit_small()
-    model = RecastModel.from_base(base, RecastConfig(target="att+mlp")).eval()
+    base = setup.base()
+    model = RecastModel.from_base(base, setup.recast_config("att+mlp", base)).eval()
     plain = model.export("base").eval()
-    images = torch.randn(batch, 3, 224, 224)
+    images = setup.images()
     with torch.no_grad():
         for net in (base, model, plain):
             net(images)  # warm up (and fill RECAST's weight cache once)
@@ -160,15 +190,15 @@ def eval_figures(batch: int, repeats: int = 5) -> dict[str, Any]:
             "eval_export_over_base": ratio(times["export"], times["base"], "s")}
 
 
-def mimicry_figures(iterative_steps: int = 30) -> dict[str, Any]:
+def mimicry_figures(setup: PerfSetup, iterative_steps: int = 30) -> dict[str, Any]:
     """Closed-form SVD mimicry against the paper's iterative fit (``iterative_steps`` of its 1000)."""
-    from recast import RecastConfig, RecastModel
+    from recast import RecastModel
 
-    base = _vit_small()
+    base = setup.base()
     reports = {}
     for method, options in (("svd", {}), ("iterative", {"steps": iterative_steps})):
         start = time.perf_counter()
-        model = RecastModel.from_base(base, RecastConfig(target="att"), mimicry=method, **options)
+        model = RecastModel.from_base(base, setup.recast_config("att", base), mimicry=method, **options)
         reports[method] = {"seconds": time.perf_counter() - start, "weight_rel_error": model.mimicry_report["weight_rel_error"]}
     figure = ratio(reports["svd"]["seconds"], reports["iterative"]["seconds"], "s")
     figure.update({"svd_weight_rel_error": reports["svd"]["weight_rel_error"],
@@ -177,32 +207,34 @@ def mimicry_figures(iterative_steps: int = 30) -> dict[str, Any]:
     return {"mimicry_svd_over_iterative": figure}
 
 
-def run_perf(batch: int = 8, steps: int = 4, progress: bool = True) -> dict[str, Any]:
+def run_perf(setup: PerfSetup | None = None, progress: bool = True, iterative_steps: int = 30) -> dict[str, Any]:
     """Every figure of ``recast bench --perf``; see the module docstring."""
+    setup = setup or PerfSetup()
     def say(text: str) -> None:
         if progress:
             print(text, file=sys.stderr, flush=True)
 
     workers = {}
     for method in WORKER_METHODS:
-        say(f"training steps: {method} (ViT-S/16, 224 px, batch {batch})")
-        workers[method] = _run_worker(method, batch, steps)
+        say(f"training steps: {method} ({setup.model}, {setup.image_size} px, batch {setup.batch})")
+        workers[method] = _run_worker(method, setup)
     step = {m: w["step_seconds"] for m, w in workers.items()}
     figures: dict[str, Any] = {
         "train_step_recast_att_over_lora": ratio(step["recast-att"], step["lora"], "s"),
         "train_step_recast_attmlp_over_full": ratio(step["recast-att+mlp"], step["full"], "s"),
         "train_step_recast_att_over_linear": ratio(step["recast-att"], step["linear"], "s"),
+        "train_step_recast_mlp_over_full": ratio(step["recast-mlp"], step["full"], "s"),
         "peak_mem_recast_over_lora": ratio(workers["recast-att"]["peak_rss_mb"], workers["lora"]["peak_rss_mb"], "MiB"),
         "peak_mem_recast_attmlp_over_full": ratio(workers["recast-att+mlp"]["peak_rss_mb"], workers["full"]["peak_rss_mb"], "MiB"),
     }
     say("task switch from a file")
-    figures.update(switch_figures())
+    figures.update(switch_figures(setup))
     say("evaluation forward")
-    figures.update(eval_figures(batch))
+    figures.update(eval_figures(setup))
     say("mimicry: svd vs iterative")
-    figures.update(mimicry_figures())
-    figures["setup"] = {"backbone": "vit_small_patch16_224", "image_size": 224, "batch": batch, "timed_steps": steps,
-                        "threads": torch.get_num_threads(), "workers": workers}
+    figures.update(mimicry_figures(setup, iterative_steps))
+    figures["setup"] = {**asdict(setup), "image_size": setup.image_size, "threads": torch.get_num_threads(),
+                        "workers": workers}
     return figures
 
 
@@ -210,10 +242,9 @@ def main() -> None:
     """Worker entry point (``python -m recast.perf_bench --worker METHOD``)."""
     parser = argparse.ArgumentParser(description="one training-step measurement in a fresh process")
     parser.add_argument("--worker", choices=WORKER_METHODS, required=True)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--setup", default="{}", help="PerfSetup fields as JSON")
     args = parser.parse_args()
-    print(json.dumps(worker(args.worker, args.batch, args.steps)))
+    print(json.dumps(worker(args.worker, PerfSetup(**json.loads(args.setup)))))
 
 
 if __name__ == "__main__":

@@ -432,10 +432,11 @@ def _build_trainer(model: nn.Module, config: TrainConfig, dist: DistContext) -> 
         raise TrainingError("the model has no trainable parameters: activate a task (set_task) before training")
     if config.precision == "fp16" and not dist.device.startswith("cuda"):
         raise ConfigError("precision fp16 needs a GPU (it uses a GradScaler); use bf16 or fp32 on the CPU")
+    groups = model.param_groups(config.lr) if hasattr(model, "param_groups") else params  # per-kind learning rates
     if dist.enabled:
         device_ids = [dist.local_rank] if dist.device.startswith("cuda") else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.step_size, gamma=config.gamma)
     scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
     return _Trainer(model, optimizer, scheduler, scaler)

@@ -210,3 +210,15 @@ def test_torchrun_two_processes_equal_one(model_dir, data, tmp_path):
     for row_two, row_one in zip(*histories, strict=True):  # the same steps, the same losses
         assert row_two["step"] == row_one["step"]
         assert row_two["train_loss"] == pytest.approx(row_one["train_loss"], abs=1e-5)
+
+
+def test_existing_directory_keeps_its_method(model_dir, data, capsys):
+    assert cli(["train", model_dir, "--task", "a", "--data", f"imagefolder:{data['a']}", "--method", "lora", *FAST]) == 2
+    assert "was made for method 'recast', not 'lora'" in capsys.readouterr().err
+
+
+def test_bad_method_option_is_explained(tmp_path, data, capsys):
+    args = ["train", tmp_path / "new", "--task", "a", "--data", f"imagefolder:{data['a']}", "--model", "recast-vit32",
+            "--opt", "groups", *FAST]
+    assert cli(args) == 2
+    assert "--opt 'groups': write KEY=VALUE" in capsys.readouterr().err

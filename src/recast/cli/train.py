@@ -48,7 +48,14 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", metavar="SPEC", help="data spec (with --task): imagefolder:PATH, csv:PATH, "
                         "torchvision:NAME:ROOT or builtin:NAME")
     parser.add_argument("--model", metavar="SPEC", help="create DIR from this backbone first (see `recast models list`)")
-    parser.add_argument("--target", default="att", help="layers to rewrite when creating DIR: att (default), mlp, att+mlp, conv")
+    parser.add_argument("--method", metavar="METHOD",
+                        help="what each task trains when creating DIR: recast (default), melo, recast+melo, adaptformer, "
+                        "recast+adaptformer, clr, recast+clr, piggyback, recast+piggyback, lora, vera, linear, full")
+    parser.add_argument("--target", help="layers RECAST rewrites when creating DIR: att, mlp, att+mlp, conv "
+                        "(default: att on a ViT, conv on a ResNet)")
+    parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                        help="method option when creating DIR, repeatable: groups=3, templates=2, rank=8, alpha=16, "
+                        "head_lr=0.01, coef_lr=..., mask_lr=1e-4 ...")
     parser.add_argument("--weights", metavar="FILE", help="local weights for --model timm:NAME")
     parser.add_argument("--config", metavar="FILE", help="JSON or TOML file of training options; flags override it")
     _add_train_options(parser)
@@ -143,12 +150,35 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def _load_model(directory: str | Path) -> Any:
-    from recast.model import CONFIG_FILE, RecastModel
+    from recast.methods import load_method
+    from recast.model import CONFIG_FILE
 
     if not (Path(directory) / CONFIG_FILE).is_file():
         raise FileFormatError(f"{directory}: not a recast model directory (no {CONFIG_FILE}); "
                               "create one with `recast train DIR --model SPEC --target T ...` or `recast mimic`")
-    return RecastModel.from_pretrained(directory)
+    return load_method(directory)
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """``["groups=3", "target=mlp", "head_lr=0.01"]`` -> typed dict (JSON values where they parse)."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--opt {pair!r}: write KEY=VALUE, e.g. --opt groups=3")
+        try:
+            options[key] = json.loads(text)
+        except json.JSONDecodeError:
+            options[key] = text
+    return options
+
+
+def _check_method(model: Any, args: argparse.Namespace) -> None:
+    """An existing directory keeps its method: asking for another one is an error, not a silent switch."""
+    current = getattr(model, "method", "recast")
+    if args.method and args.method != current:
+        raise ConfigError(f"{args.directory} was made for method {current!r}, not {args.method!r}; "
+                          "use another directory for another method")
 
 
 def _require_task(model: Any, name: str) -> None:
@@ -197,11 +227,13 @@ def _ensure_directory(args: argparse.Namespace, dist: Any) -> None:
         raise FileFormatError(f"{args.directory}: not a recast model directory; pass --model SPEC --target T to create it")
     if dist.is_main:
         from recast.backbones import load_backbone
-        from recast.config import RecastConfig
-        from recast.model import RecastModel
+        from recast.methods import build_method
 
+        options = parse_options(args.opt)
+        if args.target:
+            options["target"] = args.target
         base = load_backbone(args.model, weights=args.weights)
-        RecastModel.from_base(base, RecastConfig(target=args.target)).save_pretrained(args.directory)
+        build_method(args.method or "recast", base, **options).save_pretrained(args.directory)
     dist.barrier()
 
 
@@ -209,12 +241,13 @@ def _train_one(args: argparse.Namespace, config: TrainConfig, dist: Any) -> dict
     from recast.train import fit_task, prepare_task, remove_checkpoint
 
     model = _load_model(args.directory)
+    _check_method(model, args)
     splits = _open(args.data, model, augment=config.augment, val_fraction=args.val_fraction, seed=args.data_seed)
     prepare_task(model, args.task, splits.classes, own_bn=args.own_bn, seed=config.seed)
     checkpoints = Path(args.directory) / "checkpoints" / args.task
     result = fit_task(model, splits.train, splits.val, splits.test, config, checkpoint_dir=checkpoints,
                       resume=args.resume, dist=dist, progress=not args.no_progress, log_csv=args.log_csv)
-    meta = {"method": "recast", "seed": config.seed, "data": args.data, "split_info": splits.split_info,
+    meta = {"method": getattr(model, "method", "recast"), "seed": config.seed, "data": args.data, "split_info": splits.split_info,
             **result.to_meta()}
     record: dict[str, Any] = {"task": args.task, **meta}
     if dist.is_main:
@@ -265,6 +298,8 @@ def run_sequence(
     from recast.train import SequenceTask, learn_sequence, versions
 
     model = _load_model(args.directory)
+    _check_method(model, args)
+    method = getattr(model, "method", "recast")
     tasks = []
     for entry in entries:
         splits = _open(entry["data"], model, augment=config.augment, val_fraction=args.val_fraction,
@@ -278,19 +313,21 @@ def run_sequence(
         run = learn_sequence(model, tasks, config.updated(seed=seed), dist=dist, own_bn=args.own_bn,
                              progress=not args.no_progress, on_task=on_task)
         backbone = (model.recipe or {}).get("name") if model.recipe else None
-        run = {"method": "recast", "backbone": args.model or backbone, "suite": suite, "seed": seed,
-               "recast_config": model.config.to_dict(), "train_config": config.updated(seed=seed).to_dict(),
+        run = {"method": method, "backbone": args.model or backbone, "suite": suite, "seed": seed,
+               "method_options": getattr(model, "method_options", {}),
+               "recast_config": model.config.to_dict() if hasattr(model, "config") else None,
+               "train_config": config.updated(seed=seed).to_dict(),
                "versions": versions(), **run}
         runs.append(run)
         if dist.is_main:
-            path = out / f"{suite}-recast-seed{seed}.json"
+            path = out / f"{suite}-{method}-seed{seed}.json"
             atomic_write_json(path, run)
             files.append(str(path))
     summary = {key: mean_std([r[key] for r in runs]) for key in ("average_accuracy", "forgetting", "bwt")}
     summary["tasks"] = {t.name: mean_std([r["tasks"][i]["test_accuracy"] for r in runs]) for i, t in enumerate(tasks)}
-    result = {"method": "recast", "suite": suite, "seeds": seeds, "summary": summary, "versions": versions()}
+    result = {"method": method, "suite": suite, "seeds": seeds, "summary": summary, "versions": versions()}
     if dist.is_main:
-        path = out / f"{suite}-recast-summary.json"
+        path = out / f"{suite}-{method}-summary.json"
         atomic_write_json(path, result)
         files.append(str(path))
     return {**result, "files": files}

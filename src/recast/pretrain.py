@@ -8,7 +8,6 @@ held-out test split reported once. The result is written as fp16 safetensors plu
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import math
 import platform
@@ -41,6 +40,8 @@ class PretrainConfig:
     val_fraction: float = 0.1
     seed: int = 0
     threads: int = 2
+    device: str = "cpu"
+    workers: int = 0  # DataLoader worker processes (decoding and augmentation run there)
 
 
 def pretrain(config: PretrainConfig, out_dir: Path) -> dict[str, Any]:
@@ -57,7 +58,7 @@ def pretrain(config: PretrainConfig, out_dir: Path) -> dict[str, Any]:
                        eval_transform=transforms_for(probe, False))
     model = build_shipped_architecture(config.backbone, num_classes=len(splits.classes))
     start = time.time()
-    best_state, history = _fit(model, splits, config)
+    best_state, history = _fit(model.to(config.device), splits, config)
     seconds = time.time() - start
     model.load_state_dict(best_state)
     test_accuracy = evaluate(model, _loader(splits.test, config, shuffle=False))
@@ -66,10 +67,10 @@ def pretrain(config: PretrainConfig, out_dir: Path) -> dict[str, Any]:
 
 
 def _loader(dataset: Any, config: PretrainConfig, shuffle: bool) -> DataLoader:
-    """A single-process loader (the CPU cores go to the model), seeded when shuffling."""
+    """A loader seeded when shuffling; single-process by default (the CPU cores go to the model)."""
     generator = torch.Generator().manual_seed(config.seed)
     return DataLoader(dataset, batch_size=config.batch_size, shuffle=shuffle, generator=generator,
-                      drop_last=shuffle)
+                      drop_last=shuffle, num_workers=config.workers, persistent_workers=config.workers > 0)
 
 
 def _fit(model: nn.Module, splits: Any, config: PretrainConfig) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -81,14 +82,14 @@ def _fit(model: nn.Module, splits: Any, config: PretrainConfig) -> tuple[dict[st
     warmup = int(config.warmup_epochs * len(train_loader))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, warmup, total))
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    best_accuracy, best_state, history = -1.0, copy.deepcopy(model.state_dict()), []
+    best_accuracy, best_state, history = -1.0, {}, []
     for epoch in range(config.epochs):
         loss = _train_epoch(model, train_loader, optimizer, schedule, criterion, f"epoch {epoch + 1}/{config.epochs}")
         accuracy = evaluate(model, val_loader)
+        if accuracy > best_accuracy:
+            best_accuracy, best_state = accuracy, {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         history.append({"epoch": epoch + 1, "train_loss": round(loss, 4), "val_accuracy": round(accuracy, 4)})
         tqdm.write(f"epoch {epoch + 1}: train loss {loss:.3f}, val accuracy {accuracy:.3f}")
-        if accuracy > best_accuracy:
-            best_accuracy, best_state = accuracy, copy.deepcopy(model.state_dict())
     return best_state, history
 
 
@@ -105,7 +106,9 @@ def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Op
     """One pass over ``loader``; returns the mean training loss."""
     model.train()
     total, count = 0.0, 0
+    device = next(model.parameters()).device
     for images, labels in tqdm(loader, desc=label, leave=False):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         loss = criterion(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -121,9 +124,10 @@ def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Op
 def evaluate(model: nn.Module, loader: DataLoader) -> float:
     """Top-1 accuracy of ``model`` over ``loader``, as a fraction."""
     model.eval()
+    device = next(model.parameters()).device
     correct, count = 0, 0
     for images, labels in loader:
-        correct += int((model(images).argmax(dim=1) == labels).sum())
+        correct += int((model(images.to(device)).argmax(dim=1).cpu() == labels).sum())
         count += len(labels)
     return correct / max(1, count)
 
@@ -156,7 +160,7 @@ def _write(model: nn.Module, entry: dict[str, Any], config: PretrainConfig, spli
             "val_accuracy": max(h["val_accuracy"] for h in history),
             "test_accuracy": round(test_accuracy, 4),
             "seconds": round(seconds, 1),
-            "machine": f"{platform.machine()}, {config.threads} CPU threads",
+            "machine": f"{platform.machine()}, {config.threads} CPU threads, device {_device_name(config.device)}",
             "versions": _versions(),
         },
         "command": remake_command(config),
@@ -170,8 +174,14 @@ def remake_command(config: PretrainConfig) -> str:
     return " ".join(shlex.quote(part) for part in [
         "recast", "pretrain", config.backbone, "--data", config.data, "--epochs", str(config.epochs),
         "--batch-size", str(config.batch_size), "--lr", str(config.lr), "--weight-decay", str(config.weight_decay),
-        "--seed", str(config.seed), "--threads", str(config.threads), "--out", "src/recast/assets",
+        "--seed", str(config.seed), "--threads", str(config.threads), "--device", config.device,
+        "--workers", str(config.workers), "--out", "src/recast/assets",
     ])
+
+
+def _device_name(device: str) -> str:
+    """``cpu``, or the GPU's name for a CUDA device."""
+    return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else device
 
 
 def _versions() -> dict[str, str]:

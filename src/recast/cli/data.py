@@ -66,6 +66,9 @@ def _register_pretrain(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="default: %(default)s")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="default: %(default)s")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="CPU threads (default: %(default)s)")
+    parser.add_argument("--device", default=defaults.device, help="cpu or cuda (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=defaults.workers,
+                        help="data loader processes for decoding and augmentation (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the manifest as JSON")
     parser.set_defaults(func=_pretrain)
 
@@ -120,7 +123,8 @@ def _pretrain(args: argparse.Namespace) -> int:
     from recast.pretrain import PretrainConfig, pretrain
 
     config = PretrainConfig(backbone=args.backbone, data=args.data, epochs=args.epochs, batch_size=args.batch_size,
-                            lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, threads=args.threads)
+                            lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, threads=args.threads,
+                            device=args.device, workers=args.workers)
     manifest = pretrain(config, args.out)
     if args.json:
         print(json.dumps(manifest, indent=2))

@@ -27,7 +27,7 @@ from recast.data.images import (
     drop_bad_files,
 )
 from recast.data.splits import stratified_split
-from recast.errors import ConfigError, FileFormatError
+from recast.errors import ConfigError, FileFormatError, RecastError
 
 SPEC_FORMS = "imagefolder:PATH, csv:PATH, torchvision:NAME:ROOT, builtin:NAME"
 
@@ -66,11 +66,18 @@ def open_data(
     once up front and leaves out (and counts) those that cannot be read; without it a bad file
     raises an error naming it when it is reached.
     """
+    if not isinstance(spec, str) or "\x00" in spec:
+        raise ConfigError(f"invalid data spec {spec!r}: it must be text without NUL characters; valid forms: {SPEC_FORMS}")
     kind, _, rest = spec.partition(":")
     loaders = {"imagefolder": _imagefolder, "csv": _csv, "torchvision": _torchvision, "builtin": _builtin}
     if kind not in loaders or not rest:
         raise ConfigError(f"unknown data spec {spec!r}; valid forms: {SPEC_FORMS}")
-    parts = loaders[kind](rest)
+    try:
+        parts = loaders[kind](rest)
+    except RecastError:
+        raise
+    except (OSError, ValueError) as exc:  # unreadable paths, names too long, ...: say which spec, never a traceback
+        raise FileFormatError(f"cannot open data {spec!r}: {exc}") from None
     info: dict[str, Any] = {"spec": spec, "kind": kind, "seed": seed, **parts.info}
     if skip_bad_images:
         parts, info["bad_images"] = _skip_bad(parts)

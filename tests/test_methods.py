@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import tiny_resnet, tiny_vit
+from helpers import narrow_resnet, tiny_resnet, tiny_vit
 from recast.errors import ConfigError
 from recast.methods import METHOD_NAMES, build_method, load_method, methods_for
 
@@ -18,7 +18,7 @@ RESNET_ONLY = {"clr", "recast+clr", "recast+piggyback"}
 def setup(method: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """The method on a tiny backbone, and a small separable two-class batch (sign of the red mean)."""
     if method in RESNET_ONLY:
-        base, x = tiny_resnet(), torch.randn(4, 3, 32, 32)
+        base, x = narrow_resnet(), torch.randn(4, 3, 32, 32)
     else:
         base, x = tiny_vit(depth=2), torch.randn(16, 3, 16, 16)
     options = {"groups": 1} if method in ("recast", "recast+melo", "recast+adaptformer") else {}

@@ -145,6 +145,18 @@ def _child_env() -> dict[str, str]:
     return {**env, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
 
 
+def _run_terminating_on_timeout(command: list[str], timeout: float) -> tuple[int, str]:
+    """Run a launcher; on timeout send SIGTERM (torchrun passes it on to its workers) so none is left behind."""
+    process = subprocess.Popen(command, env=_child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.terminate()
+        _, stderr = process.communicate(timeout=60)
+        return -1, f"timed out after {timeout}s\n{stderr}"
+    return process.returncode, stderr
+
+
 def _coefficients(directory: Path, task: str) -> dict[str, torch.Tensor]:
     return safetensors.torch.load_file(directory / "tasks" / f"{task}.safetensors")
 
@@ -198,9 +210,9 @@ def test_torchrun_two_processes_equal_one(model_dir, data, tmp_path):
     args = ["--task", "a", "--data", f"imagefolder:{data['a']}", "--epochs", "2", "--batch-size", "8",
             "--lr", "0.01", "--seed", "7", "--no-augment", "--no-progress", "--device", "cpu"]
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(launcher), "train",
-                           str(model_dir), *args], env=_child_env(), capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
+    command = [torchrun, "--standalone", "--nproc_per_node", "2", str(launcher), "train", str(model_dir), *args]
+    returncode, stderr = _run_terminating_on_timeout(command, timeout=300)
+    assert returncode == 0, stderr[-3000:]
     assert cli(["train", single, *args]) == 0
     two, one = _coefficients(model_dir, "a"), _coefficients(single, "a")
     for key in one:

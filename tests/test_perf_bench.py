@@ -8,9 +8,18 @@ RATIOS = (
 )
 
 
-def test_perf_figures_on_a_tiny_vit():
+def test_worker_process_reports_one_method():
+    from recast.perf_bench import _run_worker
+
     setup = PerfSetup("vit_tiny_patch16_224", {"img_size": 16, "patch_size": 8, "depth": 6, "embed_dim": 32,
                                                "num_heads": 2}, batch=2, steps=1, warmup=0)
+    figures = _run_worker("recast-att", setup)
+    assert figures["step_seconds"] > 0 and figures["peak_rss_mb"] >= figures["rss_before_training_mb"] > 0
+
+
+def test_perf_figures_on_a_tiny_vit():
+    setup = PerfSetup("vit_tiny_patch16_224", {"img_size": 16, "patch_size": 8, "depth": 6, "embed_dim": 32,
+                                               "num_heads": 2}, batch=2, steps=1, warmup=0, isolate=False)
     figures = run_perf(setup, progress=False, iterative_steps=3)
     for name in RATIOS:
         entry = figures[name]

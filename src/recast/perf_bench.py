@@ -36,6 +36,7 @@ class PerfSetup:
     batch: int = 8
     steps: int = 4
     warmup: int = 2
+    isolate: bool = True  # one fresh process per training-step measurement (clean peak memory)
 
     @property
     def image_size(self) -> int:
@@ -118,6 +119,8 @@ def worker(method: str, setup: PerfSetup) -> dict[str, float]:
 
 
 def _run_worker(method: str, setup: PerfSetup) -> dict[str, float]:
+    if not setup.isolate:  # quick runs and tests: same numbers, peak memory shared between methods
+        return worker(method, setup)
     command = [sys.executable, "-m", "recast.perf_bench", "--worker", method, "--setup", json.dumps(asdict(setup))]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:

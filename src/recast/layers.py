@@ -68,6 +68,15 @@ class GeneratedWeight(TaskModule):
         self._cache.pop(name, None)
         super().delete_task(name)
 
+    def _filled(self, plain: nn.Linear | nn.Conv2d, task: str) -> nn.Module:
+        """``plain`` (a freshly made layer of the same shape) holding ``task``'s weight and the bias."""
+        plain = plain.to(device=self.bank.templates.device, dtype=self.bank.templates.dtype)
+        with torch.no_grad():
+            plain.weight.copy_(self.task_weight(task))
+            if self.bias is not None:
+                plain.bias.copy_(self.bias)
+        return plain
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)  # copies and pickles never carry the cache
         state["_cache"] = {}
@@ -85,13 +94,7 @@ class GeneratedLinear(GeneratedWeight):
         return F.linear(x, self.weight_for(task), self.bias)
 
     def to_plain(self, task: str) -> nn.Linear:
-        plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        plain = plain.to(device=self.bank.templates.device, dtype=self.bank.templates.dtype)
-        with torch.no_grad():
-            plain.weight.copy_(self.task_weight(task))
-            if self.bias is not None:
-                plain.bias.copy_(self.bias)
-        return plain
+        return self._filled(nn.Linear(self.in_features, self.out_features, bias=self.bias is not None), task)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, templates={self.bank.size}"
@@ -115,12 +118,8 @@ class GeneratedConv2d(GeneratedWeight):
         plain = nn.Conv2d(
             self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
             self.dilation, self.groups, bias=self.bias is not None,
-        ).to(device=self.bank.templates.device, dtype=self.bank.templates.dtype)
-        with torch.no_grad():
-            plain.weight.copy_(self.task_weight(task))
-            if self.bias is not None:
-                plain.bias.copy_(self.bias)
-        return plain
+        )
+        return self._filled(plain, task)
 
     def extra_repr(self) -> str:
         return (

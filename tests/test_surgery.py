@@ -97,3 +97,12 @@ def test_no_match_lists_candidates():
 def test_groups_must_divide_the_depth():
     with pytest.raises(ConfigError, match=r"groups=6 does not divide the 4 layers of blocks\.\*\.attn\.qkv; allowed values: \[1, 2, 4\]"):
         RecastModel.from_base(tiny_vit(depth=4), RecastConfig(target="att"))
+
+
+def test_layers_with_their_own_forward_are_refused():
+    from timm.layers import Conv2dSame
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), Conv2dSame(4, 4, 3, stride=2), nn.Flatten(), nn.LazyLinear(2))
+    with pytest.raises(SurgeryError, match=r"1 is a Conv2dSame, whose forward differs from Conv2d's"):
+        plan_banks(net, RecastConfig(target=["*"], exclude=("3",)))
+    assert [p.layers for p in plan_banks(net, RecastConfig(target=["0"]))] == [("0",)]

@@ -78,8 +78,7 @@ def select_layers(net: nn.Module, config: RecastConfig) -> list[str]:
             continue
         if not isinstance(module, nn.Linear | nn.Conv2d):
             continue
-        if isinstance(module, nn.Conv2d) and (module.padding_mode != "zeros" or isinstance(module.padding, str)):
-            raise SurgeryError(f"{name}: only zero-padded Conv2d with explicit padding can be generated")
+        _check_generatable(name, module)
         chosen.append(name)
     if not chosen and include:
         listing = ", ".join(candidates(net)[:40]) or "none"
@@ -88,6 +87,18 @@ def select_layers(net: nn.Module, config: RecastConfig) -> list[str]:
             f"{type(net).__name__}. Candidate names: {listing}"
         )
     return chosen
+
+
+def _check_generatable(name: str, module: nn.Linear | nn.Conv2d) -> None:
+    """Refuse layers whose forward is not the plain one (timm's ``Conv2dSame`` pads at run time, ...)."""
+    plain = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
+    if type(module).forward is not plain.forward:
+        raise SurgeryError(
+            f"{name} is a {type(module).__name__}, whose forward differs from {plain.__name__}'s; its weight "
+            "cannot be generated faithfully. Exclude it (RecastConfig(exclude=[...])) or target other layers"
+        )
+    if isinstance(module, nn.Conv2d) and (module.padding_mode != "zeros" or isinstance(module.padding, str)):
+        raise SurgeryError(f"{name}: only zero-padded Conv2d with explicit padding can be generated")
 
 
 def plan_banks(net: nn.Module, config: RecastConfig) -> list[BankPlan]:

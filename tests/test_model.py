@@ -256,3 +256,13 @@ def test_head_only_model_fingerprints_its_whole_backbone(tmp_path):
     one.save_pretrained(tmp_path)
     with pytest.raises(FileFormatError, match="made for another backbone"):
         two.load_task(tmp_path, "a")
+
+
+def test_data_refinement_from_base_moves_the_compressed_fit_towards_the_features(vit, images):
+    plain = RecastModel.from_base(vit, RecastConfig(target="mlp", groups=1, templates=1)).eval()
+    refined = RecastModel.from_base(vit, RecastConfig(target="mlp", groups=1, templates=1),
+                                    refine_images=torch.randn(16, 3, 16, 16)).eval()
+    assert "refine" in refined.mimicry_report
+    with torch.no_grad():
+        reference = vit(images)
+        assert rel_error(refined(images), reference) < rel_error(plain(images), reference)

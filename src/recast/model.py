@@ -82,11 +82,14 @@ class RecastModel(nn.Module):
     # ----------------------------------------------------------------------------- construction
     @classmethod
     def from_base(
-        cls, base: nn.Module, config: RecastConfig | None = None, mimicry: str = "svd", **options: Any
+        cls, base: nn.Module, config: RecastConfig | None = None, mimicry: str = "svd",
+        refine_images: Tensor | None = None, **options: Any
     ) -> RecastModel:
         """Rewrite a copy of ``base`` as banks fitted to its weights by Neural Mimicry.
 
-        ``options`` go to the mimicry method (e.g. ``steps``, ``lr`` for ``iterative``). The base
+        ``options`` go to the mimicry method (e.g. ``steps``, ``lr`` for ``iterative``). With
+        ``refine_images`` (unlabelled ``(N, C, H, W)``), the fit is then refined to match the
+        base's block outputs on them (useful with fewer templates than layers per group). The base
         head becomes task ``base``, active on return; ``base`` itself is left untouched.
         """
         config = config or RecastConfig()
@@ -109,6 +112,10 @@ class RecastModel(nn.Module):
         report["original_bytes"] = original_numel * 4
         report["backbone_bytes"] = _numel(model.backbone_tensors()) * 4
         model.mimicry_report = report
+        if refine_images is not None:
+            from recast.mimicry_features import refine_with_data
+
+            refine_with_data(model, base, refine_images)
         return model
 
     @classmethod

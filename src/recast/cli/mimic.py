@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from recast.cli.options import parse_options
 from recast.errors import ConfigError, FileFormatError
 from recast.io import atomic_write_json
 
@@ -131,14 +132,7 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
         options["epochs" if args.method in ("encoder", "vae") else "steps"] = args.steps
     if args.lr is not None:
         options["lr"] = args.lr
-    for item in args.option:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--option takes KEY=VALUE, got {item!r}")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
+    options.update(parse_options(args.option, flag="--option"))
     return options
 
 

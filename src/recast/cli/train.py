@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from recast.cli.options import parse_options
 from recast.errors import ConfigError, FileFormatError, TaskError
 from recast.train import TrainConfig
 
@@ -157,20 +158,6 @@ def _load_model(directory: str | Path) -> Any:
         raise FileFormatError(f"{directory}: not a recast model directory (no {CONFIG_FILE}); "
                               "create one with `recast train DIR --model SPEC --target T ...` or `recast mimic`")
     return load_method(directory)
-
-
-def parse_options(pairs: list[str]) -> dict[str, Any]:
-    """``["groups=3", "target=mlp", "head_lr=0.01"]`` -> typed dict (JSON values where they parse)."""
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, text = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--opt {pair!r}: write KEY=VALUE, e.g. --opt groups=3")
-        try:
-            options[key] = json.loads(text)
-        except json.JSONDecodeError:
-            options[key] = text
-    return options
 
 
 def _check_method(model: Any, args: argparse.Namespace) -> None:

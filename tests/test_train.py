@@ -238,3 +238,34 @@ def test_checkpoint_files_are_safetensors_and_json(folders, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.json", "epoch-2.safetensors"]
     tensors = safetensors.torch.load_file(tmp_path / "epoch-2.safetensors")
     assert tensors["rng.torch"].dtype == torch.uint8
+
+
+def test_two_builtin_tasks_on_the_shipped_vit_without_forgetting(tmp_path, monkeypatch):
+    """The issue's check on real offline data: optdigits then faces on the shipped recast-vit32."""
+    from recast.backbones import load_backbone
+    from recast.bench import BenchTask, Suite, _open_tasks
+    from recast.methods import build_method
+    from recast.train import TrainConfig, learn_sequence
+
+    monkeypatch.setenv("RECAST_DATA", str(tmp_path / "data"))  # built from the installed packages, here
+    base = load_backbone("recast-vit32")
+    model = build_method("recast", base, target="att", groups=3)
+    suite = Suite("two", (BenchTask("digits", "builtin:optdigits", hflip=0.0), BenchTask("faces", "builtin:faces")),
+                  (), {}, max_train_images=600)
+    tasks = _open_tasks(suite, base, seed=42)
+    first_logits = {}
+
+    def keep_first(model, task, result):
+        if task.name == "digits":
+            with torch.no_grad():
+                first_logits["after"] = predict_logits(model.eval(), task.test)
+        return 0
+
+    config = TrainConfig(epochs=3, step_size=2, batch_size=64, lr=1e-2, seed=42)
+    outcome = learn_sequence(model, tasks, config, on_task=keep_first)
+    digits, faces = (t["test_accuracy"] for t in outcome["tasks"])
+    assert digits > 0.3 and faces > 0.6  # chance: 0.1 and 0.5
+    model.set_task("digits")
+    with torch.no_grad():
+        assert torch.equal(predict_logits(model.eval(), tasks[0].test), first_logits["after"])
+    assert outcome["accuracy_matrix"][1][0] == outcome["accuracy_matrix"][0][0] and outcome["forgetting"] == 0.0

@@ -16,7 +16,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from recast.errors import RecastError
+from recast.errors import ConfigError, RecastError
 from test_train import COLOURS_A, COLOURS_B, colour_folder, tiny_model
 
 # Runs the CLI in a child process: the full `recast` parser when every command module imports,
@@ -234,3 +234,12 @@ def test_bad_method_option_is_explained(tmp_path, data, capsys):
             "--opt", "groups", *FAST]
     assert cli(args) == 2
     assert "--opt 'groups': write KEY=VALUE" in capsys.readouterr().err
+
+
+def test_sequence_accepts_the_offline_suite_name(tmp_path):
+    from recast.cli.train import read_sequence
+
+    suite, entries = read_sequence("offline")
+    assert suite == "offline" and [e["data"] for e in entries][:2] == ["builtin:mnist", "builtin:emoji-google"]
+    with pytest.raises(ConfigError, match="no such file or suite; use 'offline'"):
+        read_sequence(tmp_path / "missing.json")

@@ -44,8 +44,9 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("directory", metavar="DIR", help="model directory (created with --model if missing)")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--task", metavar="NAME", help="task to add, or to retrain when it exists")
-    what.add_argument("--sequence", metavar="FILE",
-                      help='JSON file: {"name": SUITE, "tasks": [{"name": ..., "data": SPEC}, ...]}')
+    what.add_argument("--sequence", metavar="SUITE_OR_FILE",
+                      help="'offline' (the built-in tasks of `recast bench`) or a JSON file: "
+                      '{"name": SUITE, "tasks": [{"name": ..., "data": SPEC}, ...]}')
     parser.add_argument("--data", metavar="SPEC", help="data spec (with --task): imagefolder:PATH, csv:PATH, "
                         "torchvision:NAME:ROOT or builtin:NAME")
     parser.add_argument("--model", metavar="SPEC", help="create DIR from this backbone first (see `recast models list`)")
@@ -252,13 +253,17 @@ def _train_sequence(args: argparse.Namespace, config: TrainConfig, dist: Any) ->
 
 
 def read_sequence(path: str | Path) -> tuple[str, list[dict[str, str]]]:
-    """A sequence file: ``{"name": SUITE, "tasks": [{"name": ..., "data": SPEC}, ...]}`` or just the list."""
+    """A suite name (``offline``: the built-in tasks of ``recast bench``), or a sequence file:
+    ``{"name": SUITE, "tasks": [{"name": ..., "data": SPEC}, ...]}`` or just the list."""
+    from recast.bench import offline_suite
     from recast.io import read_json
 
+    if str(path) == "offline":
+        return "offline", [{"name": t.name, "data": t.data} for t in offline_suite().tasks]
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"--sequence {path}: no such file; write a JSON file listing the tasks "
-                          '({"name": "my-suite", "tasks": [{"name": "t1", "data": "imagefolder:..."}, ...]})')
+        raise ConfigError(f"--sequence {path}: no such file or suite; use 'offline' (the built-in tasks) or a JSON "
+                          'file listing the tasks ({"name": "my-suite", "tasks": [{"name": "t1", "data": "imagefolder:..."}, ...]})')
     data = read_json(path)
     suite, entries = (data.get("name", path.stem), data.get("tasks")) if isinstance(data, dict) else (path.stem, data)
     if not isinstance(entries, list) or not entries:

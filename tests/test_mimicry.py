@@ -15,14 +15,7 @@ from recast.mimicry_encoder import CoefficientEncoder
 from recast.mimicry_features import block_of, compression_curve, plot_curve, weight_fidelity
 from recast.mimicry_iterative import IterativeSettings, random_init, role_weight
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one thread avoids contention on a shared 2-core CPU (10x faster here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

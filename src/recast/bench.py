@@ -190,13 +190,14 @@ def describe(suite: Suite, runs: list[Run]) -> str:
 def _open_tasks(suite: Suite, base: Any, seed: int) -> list[Any]:
     """Open every task's splits with the backbone's own transforms (split seeded with ``seed``)."""
     from recast.data import open_data
-    from recast.data.transforms import transforms_for
+    from recast.data.transforms import data_config, transforms_for
     from recast.train import SequenceTask
 
     opened = []
+    shape = tuple(data_config(base)["input_size"])
     for task in suite.tasks:
         splits = open_data(task.data, seed=seed, train_transform=transforms_for(base, True, hflip=task.hflip),
-                           eval_transform=transforms_for(base, False))
+                           eval_transform=transforms_for(base, False), input_shape=shape)
         train = _subsample(splits.train, suite.max_train_images, seed)
         opened.append(SequenceTask(task.name, task.data, train, splits.val, splits.test, list(splits.classes),
                                    {**splits.split_info, "train_used": len(train)}))

@@ -176,12 +176,12 @@ def _require_task(model: Any, name: str) -> None:
 
 def _open(spec: str, model: Any, *, augment: bool, val_fraction: float, seed: int) -> Any:
     from recast.data import open_data
-    from recast.data.transforms import transforms_for
+    from recast.data.transforms import data_config, transforms_for
 
     evaluation = transforms_for(model.net, train=False)
     training = transforms_for(model.net, train=True) if augment else evaluation
     return open_data(spec, val_fraction=val_fraction, seed=seed, train_transform=training,
-                     eval_transform=evaluation)
+                     eval_transform=evaluation, input_shape=tuple(data_config(model.net)["input_size"]))
 
 
 # ---------------------------------------------------------------------------------- train

@@ -29,6 +29,10 @@ class ImageSource(Protocol):
         """Image ``index`` as a PIL RGB image."""
         ...
 
+    def where(self, index: int) -> str:
+        """Where item ``index`` comes from (a file path where there is one), for error messages."""
+        ...
+
 
 class ArrayImages:
     """Images held as a uint8 array ``(N, H, W)`` (grey) or ``(N, H, W, 3)`` (colour)."""
@@ -41,6 +45,9 @@ class ArrayImages:
         """Image ``index`` converted to RGB."""
         return Image.fromarray(self.images[index]).convert("RGB")
 
+    def where(self, index: int) -> str:
+        return f"image {index} of the built-in arrays"
+
 
 class FileImages:
     """Images read from files on demand; a file that cannot be decoded raises an error naming it."""
@@ -52,6 +59,9 @@ class FileImages:
     def image(self, index: int) -> Image.Image:
         """Decode file ``index`` fully (so truncation is caught here), as RGB."""
         return load_image(self.paths[index])
+
+    def where(self, index: int) -> str:
+        return str(self.paths[index])
 
 
 def load_image(path: Path) -> Image.Image:
@@ -94,14 +104,19 @@ class TorchvisionImages:
             image = Image.fromarray(np.asarray(image))
         return image if image.mode == "RGB" else image.convert("RGB")
 
+    def where(self, index: int) -> str:
+        return f"item {index} of {type(self.dataset).__name__}"
+
 
 class SplitView(Dataset):
     """The images ``indices`` of ``source`` as ``(transform(image), label)`` pairs."""
 
-    def __init__(self, source: ImageSource, indices: np.ndarray, transform: Callable | None) -> None:
+    def __init__(self, source: ImageSource, indices: np.ndarray, transform: Callable | None,
+                 input_shape: tuple[int, ...] | None = None) -> None:
         self.source = source
         self.indices = np.asarray(indices, dtype=np.int64)
         self.transform = transform
+        self.input_shape = tuple(input_shape) if input_shape is not None else None
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -111,9 +126,27 @@ class SplitView(Dataset):
         image = self.source.image(index)
         if self.transform is not None:
             image = self.transform(image)
+        shape = tuple(getattr(image, "shape", ()))
+        if self.input_shape is not None and shape != self.input_shape:
+            raise FileFormatError(
+                f"{self.source.where(index)}: became a {shape} tensor after the transform, but the model takes "
+                f"{self.input_shape} (channels, height, width); use the backbone's transforms (transforms_for)"
+            )
         return image, int(self.source.labels[index])
 
     @property
     def targets(self) -> list[int]:
         """The labels of this split, in order, without decoding any image."""
         return self.source.labels[self.indices].tolist()
+
+
+def check_labels(source: ImageSource, num_classes: int, split: str) -> None:
+    """Every label of ``source`` must name one of the ``num_classes`` classes; the error names the items."""
+    labels = np.asarray(source.labels)
+    bad = np.nonzero((labels < 0) | (labels >= num_classes))[0]
+    if bad.size:
+        shown = ", ".join(f"{source.where(int(i))} (label {int(labels[i])})" for i in bad[:3])
+        raise FileFormatError(
+            f"{bad.size} {split} item(s) have labels outside the {num_classes} classes, e.g. {shown}; "
+            "fix the labels or the class list"
+        )

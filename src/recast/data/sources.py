@@ -24,6 +24,7 @@ from recast.data.images import (
     ImageSource,
     SplitView,
     TorchvisionImages,
+    check_labels,
     drop_bad_files,
 )
 from recast.data.splits import stratified_split
@@ -58,11 +59,14 @@ class _Parts:
 def open_data(
     spec: str, *, val_fraction: float = 0.1, seed: int = 0, train_transform: Callable | None = None,
     eval_transform: Callable | None = None, skip_bad_images: bool = False, test_fraction: float = 0.2,
+    input_shape: tuple[int, ...] | None = None,
 ) -> DataSplits:
     """Open the data that ``spec`` names and split it (see the module docstring).
 
     With transforms left ``None`` the datasets yield PIL RGB images. ``test_fraction`` is used
-    only for sources without an official test split. ``skip_bad_images`` decodes every file
+    only for sources without an official test split. ``input_shape`` (e.g. ``(3, 32, 32)``) makes
+    every transformed image be checked against what the model takes, naming the offending file.
+    Labels outside the class list are refused when the data is opened. ``skip_bad_images`` decodes every file
     once up front and leaves out (and counts) those that cannot be read; without it a bad file
     raises an error naming it when it is reached.
     """
@@ -83,32 +87,35 @@ def open_data(
         parts, info["bad_images"] = _skip_bad(parts)
         info["skipped_bad_images"] = len(info["bad_images"])
         info["bad_images"] = info["bad_images"][:10]
-    return _assemble(parts, info, val_fraction, test_fraction, seed, train_transform, eval_transform)
+    for split, source in (("train", parts.train), ("validation", parts.val), ("test", parts.test)):
+        if source is not None:
+            check_labels(source, len(parts.classes), split)
+    return _assemble(parts, info, val_fraction, test_fraction, seed, train_transform, eval_transform, input_shape)
 
 
 def _assemble(
     parts: _Parts, info: dict[str, Any], val_fraction: float, test_fraction: float, seed: int,
-    train_transform: Callable | None, eval_transform: Callable | None,
+    train_transform: Callable | None, eval_transform: Callable | None, input_shape: tuple[int, ...] | None = None,
 ) -> DataSplits:
     """Carve the missing test and validation splits and wrap every split in a ``SplitView``."""
     pool = np.arange(len(parts.train.labels))
     if parts.test is None:
         kept, held = stratified_split(parts.train.labels, test_fraction, seed)
-        test = SplitView(parts.train, held, eval_transform)
+        test = SplitView(parts.train, held, eval_transform, input_shape)
         pool = kept
         info.update(test_split="seeded", test_fraction=test_fraction)
     else:
-        test = SplitView(parts.test, np.arange(len(parts.test.labels)), eval_transform)
+        test = SplitView(parts.test, np.arange(len(parts.test.labels)), eval_transform, input_shape)
         info.update(test_split=parts.test_kind)
     if parts.val is None:
         kept, held = stratified_split(parts.train.labels[pool], val_fraction, seed + 1)
-        val = SplitView(parts.train, pool[held], eval_transform)
+        val = SplitView(parts.train, pool[held], eval_transform, input_shape)
         pool = pool[kept]
         info.update(val_split="seeded from train", val_fraction=val_fraction)
     else:
-        val = SplitView(parts.val, np.arange(len(parts.val.labels)), eval_transform)
+        val = SplitView(parts.val, np.arange(len(parts.val.labels)), eval_transform, input_shape)
         info.update(val_split="official")
-    train = SplitView(parts.train, pool, train_transform)
+    train = SplitView(parts.train, pool, train_transform, input_shape)
     info["sizes"] = {"train": len(train), "val": len(val), "test": len(test)}
     info["num_classes"] = len(parts.classes)
     return DataSplits(train, val, test, list(parts.classes), info)

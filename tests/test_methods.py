@@ -85,7 +85,7 @@ def test_param_groups_have_their_own_learning_rates() -> None:
 
 def test_methods_that_fit() -> None:
     assert methods_for(tiny_vit(depth=2)) == [
-        "recast", "melo", "recast+melo", "adaptformer", "recast+adaptformer", "piggyback", "lora", "vera",
+        "recast", "adaptformer", "recast+adaptformer", "melo", "recast+melo", "piggyback", "lora", "vera",
         "linear", "full",
     ]
     with pytest.raises(ConfigError, match="methods that fit it: recast, clr, recast\\+clr, piggyback"):

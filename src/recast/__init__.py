@@ -1,10 +1,9 @@
 """recast: RECAST template banks and tiny per-task coefficients for pretrained vision models."""
 
-__version__ = "0.1.0"
-
 from recast.config import RecastConfig
 from recast.errors import ConfigError, FileFormatError, RecastError, SurgeryError, TaskError
 from recast.model import RecastModel
+from recast.version import __version__
 
 __all__ = [
     "ConfigError",

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from recast import RecastModel
-from recast.integrity import leftover_files, verify_model_dir
-from recast.locking import DirectoryLockedError, is_locked, lock_directory
+from recast.format import leftover_files, verify_model_dir
+from recast.format.locking import DirectoryLockedError, is_locked, lock_directory
 from tests.reliability.common import nudge, outputs, same, shift_backbone, tiny_model
 
 WRITERS = 6

@@ -151,7 +151,7 @@ def test_mutated_model_config(saved_model_dir, changes):
         config = json.loads((directory / "recast_config.json").read_text())
         (directory / "recast_config.json").write_text(json.dumps({**config, **changes}))
         _refused_or_fine(lambda: RecastModel.from_pretrained(directory))
-        from recast.integrity import verify_model_dir
+        from recast.format import verify_model_dir
 
         verify_model_dir(directory)  # never raises
 

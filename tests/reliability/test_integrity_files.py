@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 
-import recast.model
+import recast.format.records
+import recast.format.store
 from recast import FileFormatError, RecastModel
-from recast.integrity import verify_model_dir
+from recast.format import ModelStore, verify_model_dir
 from tests.reliability.common import flip_byte, nudge, outputs, same, snapshot, tiny_model
 
 
@@ -47,7 +48,7 @@ def _pin(directory: Path, relative: str, data: bytes) -> None:
 def _with_metadata(path: Path, **changes: str) -> bytes:
     """The tensors of ``path`` re-saved with changed metadata."""
     data = path.read_bytes()
-    meta = {**recast.model._safetensors_metadata(data), **changes}
+    meta = {**recast.format.records._metadata(data), **changes}
     return safetensors.torch.save(safetensors.torch.load(data), meta)
 
 
@@ -140,7 +141,7 @@ def test_crash_after_commit_loads_the_new_state_and_next_save_settles(saved, tmp
     model = tiny_model()
     nudge(model, "a", seed=5)
     model.add_task("b", 2)
-    real, calls = recast.model._settle, []
+    real, calls = ModelStore._settle, []
 
     def crash_on_second(*args):  # the first call finishes the previous save, the second follows the commit
         calls.append(1)
@@ -148,7 +149,7 @@ def test_crash_after_commit_loads_the_new_state_and_next_save_settles(saved, tmp
             raise KeyboardInterrupt
         real(*args)
 
-    monkeypatch.setattr(recast.model, "_settle", crash_on_second)
+    monkeypatch.setattr(ModelStore, "_settle", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
         model.save_pretrained(directory)
     monkeypatch.undo()
@@ -165,14 +166,14 @@ def test_crash_before_commit_keeps_the_old_state(saved, tmp_path, monkeypatch):
     directory = _copy(saved, tmp_path)
     model = tiny_model()
     nudge(model, "a", seed=6)
-    real = recast.model.atomic_write_json
+    real = recast.format.store.atomic_write_json
 
     def crash_on_config(path, obj):
         if Path(path).name == "recast_config.json":
             raise KeyboardInterrupt
         real(path, obj)
 
-    monkeypatch.setattr(recast.model, "atomic_write_json", crash_on_config)
+    monkeypatch.setattr(recast.format.store, "atomic_write_json", crash_on_config)
     with pytest.raises(KeyboardInterrupt):
         model.save_pretrained(directory)
     with pytest.raises(KeyboardInterrupt):

@@ -1,32 +1,40 @@
 """Adapters that keep their weights per task, usable alone or on top of RECAST's generated layers.
 
-``attach(model, kind, **options)`` inserts one (``RecastModel.add_adapter`` calls it). Each adapter
-starts as the identity for every existing task and future tasks get their own state automatically.
-Alone, an adapter runs on ``RecastModel.from_base(base, RecastConfig(target="none"))``.
+Each adapter module registers its ``attach`` with :func:`~recast.adapters.base.register_adapter`;
+importing this package imports them all, so :data:`ADAPTERS` is complete. ``attach(model, kind,
+**options)`` inserts one (``RecastModel.add_adapter`` calls it). Each adapter starts as the
+identity for every existing task, and future tasks get their own state automatically. Alone, an
+adapter runs on ``RecastModel.from_base(base, RecastConfig(target="none"))``.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING, Any
 
+from recast.adapters import adaptformer, clr, melo, piggyback
+from recast.adapters.base import ADAPTERS, AdapterEntry, architecture, register_adapter
 from recast.errors import ConfigError
 
 if TYPE_CHECKING:
     from recast.model import RecastModel
 
-ADAPTERS = ("melo", "adaptformer", "clr", "piggyback")
-FITS: dict[str, tuple[str, ...]] = {  # adapter -> architectures it fits
-    "melo": ("vit",),
-    "adaptformer": ("vit",),
-    "clr": ("resnet",),
-    "piggyback": ("vit", "resnet", "other"),
-}
-ARCH_WORDS = {"vit": "a ViT", "resnet": "a ResNet", "other": "this architecture"}
+__all__ = [
+    "ADAPTERS", "AdapterEntry", "adaptformer", "architecture", "attach", "clr", "fitting", "melo", "options_of",
+    "piggyback", "register_adapter",
+]
+
+ARCH_WORDS = {"vit": "a ViT", "resnet": "a ResNet", "effnet": "an EfficientNet", "other": "this architecture"}
 
 
 def fitting(arch: str) -> list[str]:
-    """The adapters that fit an architecture (``"vit"``, ``"resnet"`` or ``"other"``)."""
-    return [name for name in ADAPTERS if arch in FITS[name]]
+    """The adapters that fit an architecture (``"vit"``, ``"resnet"``, ``"effnet"`` or ``"other"``)."""
+    return [name for name, entry in ADAPTERS.items() if arch in entry.fits]
+
+
+def options_of(kind: str) -> list[str]:
+    """The option names adapter ``kind`` takes (its ``attach`` keyword arguments)."""
+    return [p for p in inspect.signature(ADAPTERS[kind].attach).parameters if p != "model"]
 
 
 def attach(model: RecastModel, kind: str, **options: Any) -> None:
@@ -35,24 +43,17 @@ def attach(model: RecastModel, kind: str, **options: Any) -> None:
     Fails with a ``ConfigError`` naming the adapters that fit when ``kind`` does not fit the
     architecture, is unknown, is already attached, or gets an option it does not take.
     """
-    import inspect
-
-    from recast.adapters import adaptformer, clr, melo, piggyback
-    from recast.adapters.base import architecture
-
-    modules = {"melo": melo, "adaptformer": adaptformer, "clr": clr, "piggyback": piggyback}
-    if kind not in modules:
+    if kind not in ADAPTERS:
         raise ConfigError(f"unknown adapter {kind!r}; adapters: {', '.join(ADAPTERS)}")
     arch = architecture(model.net)
-    if arch not in FITS[kind]:
+    if arch not in ADAPTERS[kind].fits:
         raise ConfigError(
-            f"adapter {kind!r} does not fit {ARCH_WORDS[arch]} ({type(model.net).__name__}); "
-            f"adapters that fit it: {', '.join(fitting(arch))}"
+            f"adapter {kind!r} does not fit {ARCH_WORDS.get(arch, arch)} ({type(model.net).__name__}); "
+            f"adapters that fit it: {', '.join(fitting(arch)) or 'none'}"
         )
     if any(a.get("kind") == kind for a in getattr(model, "adapters", [])):
         raise ConfigError(f"adapter {kind!r} is already attached to this model")
-    allowed = [p for p in inspect.signature(modules[kind].attach).parameters if p != "model"]
-    unknown = sorted(set(options) - set(allowed))
+    unknown = sorted(set(options) - set(options_of(kind)))
     if unknown:
-        raise ConfigError(f"adapter {kind!r} has no option(s) {unknown}; its options: {allowed}")
-    modules[kind].attach(model, **options)
+        raise ConfigError(f"adapter {kind!r} has no option(s) {unknown}; its options: {options_of(kind)}")
+    ADAPTERS[kind].attach(model, **options)

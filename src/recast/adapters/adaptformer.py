@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from recast.adapters.base import AdapterModule, install, outside_task_state
+from recast.adapters.base import AdapterModule, install, outside_task_state, register_adapter
 from recast.errors import ConfigError
 from recast.tasks import TaskSpec
 
@@ -76,6 +76,7 @@ class AdaptFormerMLP(AdapterModule):
         return f"rank={self.rank}, scale={self.scale}"
 
 
+@register_adapter("adaptformer", fits=("vit",), recast_target="att")
 def attach(model: RecastModel, rank: int = 2, scale: float = 0.1) -> None:
     """Put an AdaptFormer adapter beside the MLP of every ViT block (``blocks.<i>.mlp``)."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:

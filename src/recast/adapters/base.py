@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,34 @@ if TYPE_CHECKING:
 
 LINEAR_TYPES = (nn.Linear, GeneratedLinear)
 CONV_TYPES = (nn.Conv2d, GeneratedConv2d)
+
+
+@dataclass(frozen=True)
+class AdapterEntry:
+    """A registered adapter: how to attach it, which architectures it fits, and the RECAST target
+    it is combined with in the method ``recast+<name>``."""
+
+    name: str
+    attach: Callable[..., None]
+    fits: tuple[str, ...]
+    recast_target: str
+
+
+ADAPTERS: dict[str, AdapterEntry] = {}
+
+
+def register_adapter(name: str, *, fits: tuple[str, ...], recast_target: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Register an adapter's ``attach(model, **options)`` under ``name`` (as timm registers models).
+
+    Its keyword arguments are the adapter's options; the method registry builds ``name`` and
+    ``recast+name`` from this entry.
+    """
+
+    def decorate(attach: Callable[..., None]) -> Callable[..., None]:
+        ADAPTERS[name] = AdapterEntry(name, attach, tuple(fits), recast_target)
+        return attach
+
+    return decorate
 
 
 class AdapterModule(TaskModule):

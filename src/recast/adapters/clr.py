@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from recast.adapters.base import CONV_TYPES, AdapterModule, install, matching
+from recast.adapters.base import CONV_TYPES, AdapterModule, install, matching, register_adapter
 from recast.tasks import TaskSpec
 
 if TYPE_CHECKING:
@@ -56,6 +56,7 @@ class ClrConv(AdapterModule):
         return f"channels={self.channels}, kernel_size={self.kernel_size}"
 
 
+@register_adapter("clr", fits=("resnet",), recast_target="conv")
 def attach(model: RecastModel, kernel_size: int = 3, patterns: tuple[str, ...] = ("conv1", "layer*")) -> None:
     """Follow every conv of a ResNet (stem, blocks and downsample, plain or generated) by CLR."""
     names = matching(model.net, patterns, CONV_TYPES)

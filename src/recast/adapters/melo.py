@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from recast.adapters.base import LINEAR_TYPES, AdapterModule, install, matching
+from recast.adapters.base import LINEAR_TYPES, AdapterModule, install, matching, register_adapter
 from recast.errors import ConfigError
 from recast.tasks import TaskSpec
 
@@ -74,6 +74,7 @@ class MeloQKV(AdapterModule):
         return f"rank={self.rank}, alpha={self.alpha}"
 
 
+@register_adapter("melo", fits=("vit",), recast_target="mlp")
 def attach(model: RecastModel, rank: int = 1, alpha: float = 4.0, patterns: tuple[str, ...] = ("blocks.*.attn.qkv",)) -> None:
     """Wrap every fused qkv layer of a ViT with MeLo (r=1, alpha=4 by default, as in REFERENCE 5)."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from recast.adapters.base import CONV_TYPES, LINEAR_TYPES, AdapterModule, install, outside_task_state
+from recast.adapters.base import CONV_TYPES, LINEAR_TYPES, AdapterModule, install, outside_task_state, register_adapter
 from recast.errors import ConfigError
 from recast.layers import GeneratedWeight
 from recast.tasks import TaskSpec
@@ -118,6 +118,7 @@ def targets(model: RecastModel, scope: str) -> list[str]:
     ]
 
 
+@register_adapter("piggyback", fits=("vit", "resnet", "effnet", "other"), recast_target="conv")
 def attach(model: RecastModel, threshold: float = 5e-3, init: float = 1e-2, scope: str = "auto") -> None:
     """Mask every targeted weight with Piggyback (see :func:`targets` for ``scope``)."""
     names = targets(model, scope)

@@ -152,8 +152,8 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def _load_model(directory: str | Path) -> Any:
+    from recast.format import CONFIG_FILE
     from recast.methods import load_method
-    from recast.model import CONFIG_FILE
 
     if not (Path(directory) / CONFIG_FILE).is_file():
         raise FileFormatError(f"{directory}: not a recast model directory (no {CONFIG_FILE}); "
@@ -207,7 +207,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _ensure_directory(args: argparse.Namespace, dist: Any) -> None:
     """Create the model directory from ``--model`` when it does not exist yet (main process only)."""
-    from recast.model import CONFIG_FILE
+    from recast.format import CONFIG_FILE
 
     if (Path(args.directory) / CONFIG_FILE).is_file():
         return
@@ -392,8 +392,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------- tasks
 def task_records(directory: str | Path) -> list[dict[str, Any]]:
     """The task records of a model directory, read from ``tasks/*.json`` without loading any weights."""
+    from recast.format import CONFIG_FILE, TASKS_DIR
     from recast.io import read_json
-    from recast.model import CONFIG_FILE, TASKS_DIR
 
     directory = Path(directory)
     if not (directory / CONFIG_FILE).is_file():
@@ -412,7 +412,7 @@ def task_records(directory: str | Path) -> list[dict[str, Any]]:
 
 
 def _cmd_tasks(args: argparse.Namespace) -> int:
-    from recast.model import BACKBONE_FILE
+    from recast.format import BACKBONE_FILE
 
     rows = task_records(args.directory)
     backbone = Path(args.directory) / BACKBONE_FILE

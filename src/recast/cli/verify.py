@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_verify(args: argparse.Namespace) -> int:
     """Print the per-file report; 1 when any file is bad, else 0."""
-    from recast.integrity import check_model_dir
+    from recast.format import check_model_dir
 
     findings = check_model_dir(args.directory)
     errors = [f for f in findings if f.status == "error"]

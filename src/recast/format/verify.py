@@ -13,7 +13,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from recast.errors import FileFormatError, RecastError
+from recast.bank import fingerprint
+from recast.config import RecastConfig
+from recast.errors import ConfigError, FileFormatError, RecastError
+from recast.format.locking import is_locked
+from recast.format.names import BACKBONE_FILE, CONFIG_FILE, MODEL_FORMAT, TASKS_DIR
+from recast.format.records import (
+    check_backbone_header,
+    check_config_record,
+    check_task_header,
+    decode,
+    is_pinned,
+    task_record_problems,
+)
+from recast.format.staging import read_checked, staged_path
+from recast.io import read_json
 
 _STAGED = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*\.[0-9a-f]{12}\.safetensors$")
 _TEMP = re.compile(r"^\.[A-Za-z0-9][A-Za-z0-9_.-]*\.(json|safetensors)\.[A-Za-z0-9_]+\.tmp$")
@@ -43,7 +57,7 @@ def leftover_files(directory: str | Path) -> list[Path]:
     """
     directory = Path(directory)
     found = []
-    for folder in (directory, directory / "tasks"):
+    for folder in (directory, directory / TASKS_DIR):
         if folder.is_dir():
             found += [p for p in sorted(folder.iterdir()) if p.is_file() and (_STAGED.match(p.name) or _TEMP.match(p.name))]
     return found
@@ -56,16 +70,13 @@ def verify_model_dir(path: str | Path) -> list[Finding]:
 
 def check_model_dir(path: str | Path) -> list[Finding]:
     """A finding for every file of the model directory ``path``: config, backbone, tasks, leftovers, lock."""
-    from recast.locking import is_locked
-    from recast.model import CONFIG_FILE
-
     directory = Path(path)
     if not directory.is_dir():
         return [Finding(str(directory), "error", "not a directory")]
     findings: list[Finding] = []
     record = _check(findings, directory / CONFIG_FILE, lambda p: _config(p))
     pins = _pinned_files(record)
-    _check(findings, directory / "backbone.safetensors", lambda p: _backbone(p, record))
+    _check(findings, directory / BACKBONE_FILE, lambda p: _backbone(p, record))
     findings += _task_findings(directory, record)
     for leftover in leftover_files(directory):
         status = "pending" if leftover.name in pins else "leftover"
@@ -95,43 +106,34 @@ def _reason(exc: Exception, path: Path) -> str:
 
 
 def _config(path: Path) -> tuple[dict[str, Any], str]:
-    from recast.config import RecastConfig
-    from recast.errors import ConfigError
-    from recast.io import read_json
-    from recast.model import _check_config_record
-
     record = read_json(path)
-    _check_config_record(path, record)
-    try:
-        RecastConfig.from_dict(record["config"])
-    except ConfigError as exc:
-        raise FileFormatError(f"{path}: invalid config ({exc})") from None
-    if "task_records" not in record:
+    check_config_record(path, record)
+    if record["format"] == MODEL_FORMAT:
+        try:
+            RecastConfig.from_dict(record["config"])
+        except ConfigError as exc:
+            raise FileFormatError(f"{path}: invalid config ({exc})") from None
+    if not is_pinned(record):
         return record, "ok (older layout: files are not pinned by sha256; save the model again to pin them)"
     return record, f"ok ({len(record['task_records'])} tasks pinned by sha256)"
 
 
 def _pinned_files(record: dict[str, Any] | None) -> set[str]:
     """Staged file names the config's checksums point at (present only after an interrupted save)."""
-    from recast.io import staged_path
-
-    if not record or "task_records" not in record:
+    if not record or not is_pinned(record):
         return set()
-    names = {staged_path("backbone.safetensors", record["backbone_file"]["sha256"]).name}
+    names = {staged_path(BACKBONE_FILE, record["backbone_file"]["sha256"]).name}
     names |= {staged_path(f"{n}.safetensors", r["sha256"]).name for n, r in record["task_records"].items()}
     return names
 
 
 def _backbone(path: Path, record: dict[str, Any] | None) -> tuple[None, str]:
     """Checksum, metadata and bank fingerprint of ``backbone.safetensors``."""
-    from recast.bank import fingerprint
-    from recast.model import _check_backbone_header, _read_bytes, _read_safetensors
-
     pinned = (record or {}).get("backbone_file")
-    data = _read_pinned(path, pinned["sha256"]) if pinned else _read_bytes(path)
-    tensors, header = _read_safetensors(path, data)
+    data = read_checked(path, pinned["sha256"]) if pinned else _read_bytes(path)
+    tensors, header = decode(path, data)
     expected = record["fingerprint"] if record else header.get("fingerprint", "")
-    _check_backbone_header(path, header, expected)
+    check_backbone_header(path, header, expected)
     banks = [(k.removeprefix("banks.").removesuffix(".templates"), t) for k, t in tensors.items() if k.startswith("banks.")]
     actual = fingerprint(banks) if banks else fingerprint(tensors.items())
     if actual != expected:
@@ -140,16 +142,17 @@ def _backbone(path: Path, record: dict[str, Any] | None) -> tuple[None, str]:
     return None, f"ok ({len(tensors)} tensors, {len(data)} bytes; {checked})"
 
 
-def _read_pinned(path: Path, sha256: str) -> bytes:
-    from recast.io import read_checked
-
-    return read_checked(path, sha256)
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise FileFormatError(f"{path}: file not found") from None
 
 
 def _task_findings(directory: Path, record: dict[str, Any] | None) -> list[Finding]:
     """One finding per task tensor file and per task JSON."""
     findings: list[Finding] = []
-    tasks_dir = directory / "tasks"
+    tasks_dir = directory / TASKS_DIR
     fingerprint = (record or {}).get("fingerprint")
     records = (record or {}).get("task_records")
     on_disk = sorted(p.stem for p in tasks_dir.glob("*.json")) if tasks_dir.is_dir() else []
@@ -167,8 +170,6 @@ def _task_findings(directory: Path, record: dict[str, Any] | None) -> list[Findi
 
 
 def _read_record(path: Path) -> tuple[dict[str, Any], str]:
-    from recast.io import read_json
-
     record = read_json(path)
     if not isinstance(record, dict):
         raise FileFormatError(f"{path}: not a recast task record (expected a JSON object)")
@@ -177,8 +178,6 @@ def _read_record(path: Path) -> tuple[dict[str, Any], str]:
 
 def _sidecar(path: Path, pinned: dict[str, Any] | None) -> Finding:
     """A task JSON next to a config that pins the tasks: it should be the pinned record."""
-    from recast.io import read_json
-
     if pinned is None:
         return Finding(str(path), "warning", "not listed in recast_config.json, so this task is not loaded")
     try:
@@ -193,19 +192,14 @@ def _sidecar(path: Path, pinned: dict[str, Any] | None) -> Finding:
 
 def _task_file(path: Path, record: dict[str, Any], fingerprint: str | None) -> tuple[None, str]:
     """Record fields, checksum and metadata of one task tensor file."""
-    from recast.model import FORMAT_VERSION, _read_safetensors, _task_record_problems
-
-    problems = _task_record_problems(record)
+    problems = task_record_problems(record)
     if problems:
         raise FileFormatError(f"{path}: its record is not valid: " + "; ".join(problems))
-    data = _read_pinned(path, record["sha256"])
-    tensors, header = _read_safetensors(path, data)
-    if header.get("format") != "recast-task":
-        raise FileFormatError(f"{path}: not a recast task file (its metadata has no format 'recast-task')")
-    if header.get("format_version") != FORMAT_VERSION:
-        raise FileFormatError(f"{path}: format version {header.get('format_version')!r}, expected {FORMAT_VERSION}")
+    data = read_checked(path, record["sha256"])
+    tensors, header = decode(path, data)
     expected = fingerprint or record.get("fingerprint")
-    if header.get("fingerprint") != expected or record.get("fingerprint", expected) != expected:
-        raise FileFormatError(f"{path}: made for another backbone (fingerprint {str(header.get('fingerprint'))[:12]}..., "
-                              f"the backbone's is {str(expected)[:12]}...)")
+    check_task_header(path, header, str(expected))
+    if record.get("fingerprint", expected) != expected:
+        raise FileFormatError(f"{path}: its record names another backbone (fingerprint "
+                              f"{str(record.get('fingerprint'))[:12]}..., the backbone's is {str(expected)[:12]}...)")
     return None, f"ok ({len(tensors)} tensors, {len(data)} bytes; sha256 and fingerprint match)"

@@ -1,0 +1,210 @@
+"""``ModelStore``: the one place that reads and writes a model directory.
+
+Writes are transactions under the directory lock: new file versions are staged under names that
+carry their checksum, then ``recast_config.json`` (which pins every file's sha256) is replaced in
+one rename, the commit point, then the staged files are moved into place ("settled"). A SIGKILL
+before the commit leaves the previous state; after it, the new one, because readers find staged
+files by checksum. Readers take no lock: every byte they use is checked against a pinned sha256.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from recast.errors import FileFormatError
+from recast.format.locking import lock_directory
+from recast.format.names import BACKBONE_FILE, CONFIG_FILE, TASKS_DIR, check_task_name, is_task_name, task_path
+from recast.format.records import (
+    check_backbone_header,
+    check_config_record,
+    check_task_header,
+    check_task_record,
+    decode,
+    is_pinned,
+    task_record_problems,
+)
+from recast.format.staging import promote, read_checked, write_staged
+from recast.format.verify import leftover_files
+from recast.io import atomic_write_json, read_json
+
+TaskBlob = tuple[bytes, dict[str, Any]]  # a task file's bytes and the record that pins them
+
+
+class ModelStore:
+    """A model directory: its config, backbone and task files (see :mod:`recast.format.names`)."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+
+    @property
+    def config_path(self) -> Path:
+        return self.directory / CONFIG_FILE
+
+    @property
+    def backbone_path(self) -> Path:
+        return self.directory / BACKBONE_FILE
+
+    def task_file(self, name: str) -> Path:
+        """``tasks/<name>.safetensors`` (the name checked against the rule first)."""
+        return task_path(self.directory, name, ".safetensors")
+
+    # ------------------------------------------------------------------------------------ reading
+    def read_config(self) -> dict[str, Any]:
+        """The checked ``recast_config.json`` (any layout this library reads)."""
+        record = read_json(self.config_path)
+        check_config_record(self.config_path, record)
+        return record
+
+    def committed(self) -> dict[str, Any] | None:
+        """The config when it is valid and pins its files by sha256, else ``None``."""
+        if not self.config_path.is_file():
+            return None
+        try:
+            record = self.read_config()
+        except FileFormatError:
+            return None
+        return record if is_pinned(record) else None
+
+    def task_records(self, config: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Every task the directory holds, in order, name -> record (not yet checked).
+
+        The committed config's records when it pins them; for older directories, the tasks the
+        config lists followed by any other ``tasks/*.json``.
+        """
+        config = config if config is not None else self.read_config()
+        if is_pinned(config):
+            return dict(config["task_records"])
+        on_disk = self._task_names_on_disk()
+        order = [t for t in config.get("tasks", []) if t in on_disk]
+        order += [t for t in on_disk if t not in order]
+        return {name: read_json(task_path(self.directory, name, ".json")) for name in order}
+
+    def _task_names_on_disk(self) -> list[str]:
+        folder = self.directory / TASKS_DIR
+        return sorted(p.stem for p in folder.glob("*.json") if is_task_name(p.stem)) if folder.is_dir() else []
+
+    def task_record(self, name: str) -> tuple[Any, Path]:
+        """Task ``name``'s record and the file it came from (the config when it pins the task)."""
+        check_task_name(name)
+        committed = self.committed()
+        if committed is not None and name in committed["task_records"]:
+            return committed["task_records"][name], self.config_path
+        path = task_path(self.directory, name, ".json")
+        return read_json(path), path
+
+    def read_task(self, name: str, record: Any, source: Path, fingerprint: str) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, str]]:
+        """Checked record, tensors and header of task ``name`` for the backbone ``fingerprint``."""
+        record = check_task_record(source, record, fingerprint)
+        path = self.task_file(name)
+        tensors, header = decode(path, read_checked(path, record["sha256"]))
+        check_task_header(path, header, fingerprint)
+        return record, tensors, header
+
+    def read_backbone(self, config: dict[str, Any]) -> dict[str, Tensor]:
+        """The tensors of ``backbone.safetensors``, checked against the config's sha256 and fingerprint."""
+        path = self.backbone_path
+        pinned = config.get("backbone_file")
+        if pinned:
+            data = read_checked(path, pinned["sha256"])
+        else:
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                raise FileFormatError(f"{path}: file not found") from None
+        tensors, header = decode(path, data)
+        check_backbone_header(path, header, config["fingerprint"])
+        return tensors
+
+    # ------------------------------------------------------------------------------------ writing
+    def write_model(self, backbone: bytes, tasks: dict[str, TaskBlob], config: dict[str, Any]) -> None:
+        """Commit a whole model: backbone, ``tasks`` and ``config`` (which gets the file pins).
+
+        Tasks already in the directory that this model does not hold are kept when they fit its
+        fingerprint (``config["fingerprint"]``).
+        """
+        with lock_directory(self.directory):
+            previous = self.committed()
+            if previous is not None:
+                self._settle(previous)
+            pinned = {"name": BACKBONE_FILE, "sha256": write_staged(self.backbone_path, backbone), "bytes": len(backbone)}
+            records = {}
+            for name, (data, record) in tasks.items():
+                write_staged(self.task_file(name), data)
+                records[name] = record
+            kept = self._kept_records(previous, config["fingerprint"])
+            records.update({k: v for k, v in kept.items() if k not in records})
+            record = {**config, "tasks": list(records), "backbone_file": pinned, "task_records": records}
+            atomic_write_json(self.config_path, record)
+            self._settle(record)
+
+    def write_task(self, name: str, blob: TaskBlob, fingerprint: str) -> None:
+        """Commit one task. In a model directory the config is rewritten under the lock, so
+        concurrent writers each add their task; without a config the task's JSON is the commit.
+        Refused when the directory holds another backbone: the task could never load there.
+        """
+        data, record = blob
+        path = self.task_file(name)
+        with lock_directory(self.directory):
+            committed = self.committed()
+            if committed is None:
+                write_staged(path, data)
+                atomic_write_json(path.with_suffix(".json"), record)
+                promote(path, record["sha256"])
+                return
+            self._settle(committed)
+            if committed.get("fingerprint") != fingerprint:
+                raise FileFormatError(
+                    f"{self.config_path}: this directory holds another backbone (fingerprint "
+                    f"{str(committed.get('fingerprint'))[:12]}..., this model's is {fingerprint[:12]}...); "
+                    "save the task next to the backbone it was trained on, or save_pretrained to a new directory"
+                )
+            write_staged(path, data)
+            committed["task_records"][name] = record
+            committed["tasks"] = [*[t for t in committed.get("tasks", []) if t != name], name]
+            atomic_write_json(self.config_path, committed)
+            self._settle(committed)
+
+    def _settle(self, record: dict[str, Any]) -> None:
+        """Finish a committed write: promote staged files, refresh task JSONs, drop leftovers.
+
+        Safe to repeat: a writer runs it after its commit, and the next writer runs it again first
+        in case the previous one was killed half-way through it.
+        """
+        promote(self.backbone_path, record["backbone_file"]["sha256"])
+        for name, task_record in record["task_records"].items():
+            path = self.task_file(name)
+            promote(path, task_record["sha256"])
+            json_path = path.with_suffix(".json")
+            try:
+                current = read_json(json_path)
+            except FileFormatError:
+                current = None
+            if current != task_record:
+                atomic_write_json(json_path, task_record)
+        for leftover in leftover_files(self.directory):
+            leftover.unlink(missing_ok=True)
+
+    def _kept_records(self, previous: dict[str, Any] | None, fingerprint: str) -> dict[str, dict[str, Any]]:
+        """Task records already in the directory that fit the backbone ``fingerprint``."""
+        if previous is not None:
+            candidates = previous["task_records"]
+        else:
+            candidates = {}
+            for name in self._task_names_on_disk():
+                try:
+                    candidates[name] = read_json(task_path(self.directory, name, ".json"))
+                except FileFormatError:
+                    continue
+        return {
+            name: record for name, record in candidates.items()
+            if is_task_name(name) and isinstance(record, dict) and not task_record_problems(record)
+            and record.get("fingerprint") == fingerprint
+        }
+
+
+def task_records(directory: str | Path) -> dict[str, Any]:
+    """The tasks a model directory holds, name -> record, as its config lists them (for ``recast tasks``)."""
+    return ModelStore(directory).task_records()

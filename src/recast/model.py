@@ -31,7 +31,7 @@ from recast.integrity import leftover_files
 from recast.io import atomic_write_json, promote, read_checked, read_json, sha256_hex, write_staged
 from recast.layers import generated_layer
 from recast.locking import lock_directory
-from recast.mimicry import FitProblem, fidelity, fit
+from recast.mimicry import FitProblem, fidelity, fit, refine_with_data
 from recast.recipe import build_from_recipe, recipe_of
 from recast.surgery import BankPlan, find_head, install_head, plan_banks, wrap_batchnorms
 from recast.tasks import COUNT_KINDS, TaskBatchNorm, TaskHead, TaskModule, TaskSpec
@@ -114,8 +114,6 @@ class RecastModel(nn.Module):
         report["backbone_bytes"] = _numel(model.backbone_tensors()) * 4
         model.mimicry_report = report
         if refine_images is not None:
-            from recast.mimicry_features import refine_with_data
-
             refine_with_data(model, base, refine_images)
         return model
 

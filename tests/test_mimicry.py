@@ -9,11 +9,22 @@ import timm
 import torch
 
 from recast import ConfigError, RecastConfig, RecastModel, TaskError
-from recast.mimicry import FitProblem, feature_fidelity, fidelity, fit, refine_with_data, registered_methods
+from recast.mimicry import (
+    FitProblem,
+    IterativeSettings,
+    block_of,
+    compression_curve,
+    feature_fidelity,
+    fidelity,
+    fit,
+    plot_curve,
+    refine_with_data,
+    registered_methods,
+    weight_fidelity,
+)
+from recast.mimicry.encoder import CoefficientEncoder
+from recast.mimicry.optimise import random_init, role_weight
 from recast.mimicry_bench import problems_of
-from recast.mimicry_encoder import CoefficientEncoder
-from recast.mimicry_features import block_of, compression_curve, plot_curve, weight_fidelity
-from recast.mimicry_iterative import IterativeSettings, random_init, role_weight
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -132,7 +143,7 @@ def test_paper_defaults_follow_the_targets() -> None:
     linear = [FitProblem("a", "blocks.*.mlp.fc1", ("x",), torch.zeros(1, 4, 3), 1, 2)]
     conv = [FitProblem("b", "layer1.*.conv1", ("y",), torch.zeros(1, 4, 3, 3, 3), 1, 2)]
     vit, resnet = IterativeSettings.paper(linear), IterativeSettings.paper(conv)
-    assert (vit.steps, vit.lr, vit.step_size, vit.noise) == (1000, 0.1, 200, 1e-2)
+    assert (vit.steps, vit.lr, vit.step_size, vit.noise) == (1000, 0.1, 200, 1e-4)
     assert (resnet.steps, resnet.lr, resnet.step_size, resnet.noise) == (3000, 0.2, 500, 0.0)
     assert role_weight("blocks.*.mlp.fc2", vit.role_weights) == 2.0
     assert role_weight("blocks.*.attn.qkv", vit.role_weights) == 1.0
@@ -188,7 +199,7 @@ def test_refine_with_data_matches_features_better(tiny, images) -> None:
 
 
 def test_compression_curve_and_plot(tiny, images, tmp_path) -> None:
-    points = compression_curve(tiny, RecastConfig(target="mlp", groups=2), images=images)
+    points = compression_curve(tiny, RecastConfig(target="mlp", groups=2), images=images, builder=RecastModel.from_base)
     assert [p["templates"] for p in points] == [1, 2, 3]
     assert points[0]["weight_rel_error"] > points[1]["weight_rel_error"] and points[1]["weight_cosine_min"] > 0.99999
     assert points[0]["backbone_bytes"] < points[0]["original_bytes"] < points[2]["backbone_bytes"]

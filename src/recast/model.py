@@ -24,7 +24,7 @@ from recast.errors import ConfigError, FileFormatError, RecastError, TaskError
 from recast.format import FORMAT_VERSION, MODEL_FORMAT, ModelStore
 from recast.format.records import tensor_problems
 from recast.layers import generated_layer
-from recast.mimicry import FitProblem, fidelity, fit
+from recast.mimicry import FitProblem, fidelity, fit, refine_with_data
 from recast.protocol import TaskInfo, TaskModel
 from recast.recipe import build_from_recipe, recipe_of
 from recast.surgery import BankPlan, find_head, install_head, plan_banks, wrap_batchnorms
@@ -90,8 +90,6 @@ class RecastModel(TaskModel):
         report["backbone_bytes"] = _numel(model.backbone_tensors()) * 4
         model.mimicry_report = report
         if refine_images is not None:
-            from recast.mimicry_features import refine_with_data  # until mimicry stops importing model
-
             refine_with_data(model, base, refine_images)
         return model
 

@@ -1,9 +1,10 @@
 """``recast mimic``: build a RECAST model from a pretrained one by Neural Mimicry, with a fidelity report.
 
-Thin layer over :mod:`recast.mimicry`: load the backbone, rewrite and fit it, optionally refine
-on images and measure feature fidelity, write ``DIR`` (``save_pretrained``) and ``DIR/fidelity.json``.
-``--curve`` measures fidelity and size for n = 1 .. layers per group + 1 instead; ``--bench`` runs
-the method comparison on real pretrained matrices (:mod:`recast.mimicry_bench`).
+Parses and prints only: load the backbone, ``RecastModel.from_base`` with the method, optionally
+``refine_with_data`` on images, then write ``DIR`` (``save_pretrained``) and ``DIR/fidelity.json``
+(:func:`recast.mimicry.fidelity_record`). ``--curve`` measures fidelity and size for
+n = 1 .. layers per group + 1 instead; ``--bench`` runs the method comparison on real pretrained
+matrices (:mod:`recast.mimicry_bench`).
 """
 
 from __future__ import annotations
@@ -16,11 +17,24 @@ from typing import Any
 import torch
 from torch import nn
 
+from recast.backbones import load_backbone
 from recast.cli.options import parse_options
-from recast.errors import ConfigError, FileFormatError
+from recast.config import PRESET_TARGETS, RecastConfig
+from recast.errors import ConfigError
 from recast.io import atomic_write_json
-
-FIDELITY_FILE = "fidelity.json"
+from recast.mimicry import (
+    compression_curve,
+    fidelity_record,
+    fidelity_summary,
+    method_names,
+    refine_with_data,
+    save_curve,
+    steps_option,
+    write_fidelity,
+)
+from recast.mimicry.images import load_images
+from recast.mimicry_bench import run_bench
+from recast.model import RecastModel
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--groups", type=int, help="G: groups per role (default: 6 for ViT targets, else 1)")
     parser.add_argument("--templates", type=int, help="n: templates per bank (default: layers per group, exact)")
     parser.add_argument("--coef-sets", type=int, default=2, help="K: coefficient sets per layer")
-    parser.add_argument("--method", default="svd", help="svd, iterative, svd+iterative, encoder or vae")
+    parser.add_argument("--method", default="svd", help=f"one of {', '.join(method_names())}")
     parser.add_argument("--steps", type=int, help="optimisation steps (iterative, svd+iterative) or epochs (encoder, vae)")
     parser.add_argument("--lr", type=float, help="learning rate of the method")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -60,7 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--curve-ns", metavar="N,N,...", help="the n values of --curve (default: 1 .. layers per group + 1)")
     parser.add_argument("--bench", action="store_true", help="run the mimicry benchmark on real pretrained matrices "
                         "(MiniLM-L6 layers in a ViT-S, EfficientNet-Lite0 convolutions); writes bench.json into --out")
-    parser.add_argument("--bench-methods", default="svd,iterative,svd+iterative,encoder,vae", help="methods of --bench")
+    parser.add_argument("--bench-methods", default=",".join(method_names()), help="methods of --bench")
     parser.add_argument("--bench-suites", metavar="NAMES", help="suites of --bench (default: vit,conv)")
     parser.add_argument("--out", metavar="DIR", help="output directory")
     parser.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
@@ -76,51 +90,27 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("recast mimic needs --model SPEC (or --bench); see `recast models list`")
     if not args.out:
         raise ConfigError("recast mimic needs --out DIR, where the model (or the curve) is written")
-    from recast.backbones import load_backbone
-
     base = load_backbone(args.model, weights=args.weights)
     config = _config(args)
     options = _method_options(args)
-    images = _load_images(args.images, base, args.num_images) if args.images else None
+    images = load_images(args.images, base, args.num_images) if args.images else None
     if args.refine_data and images is None:
         raise ConfigError("--refine-data needs --images SPEC (unlabeled images the original model sees)")
     if args.curve:
         return _run_curve(args, base, config, options, images)
-    summary = mimic(base, config, args.method, options, images, args, out=Path(args.out))
-    _print_summary(summary, args.json)
-    return 0
-
-
-def mimic(
-    base: nn.Module, config: Any, method: str, options: dict[str, Any], images: torch.Tensor | None,
-    args: argparse.Namespace, out: Path,
-) -> dict[str, Any]:
-    """Build, optionally refine and measure, then write ``out`` and ``out/fidelity.json``; returns the summary."""
-    from recast.mimicry import feature_fidelity, refine_with_data
-    from recast.model import RecastModel
-
-    model = RecastModel.from_base(base, config, mimicry=method, **options)
+    out = Path(args.out)
+    model = RecastModel.from_base(base, config, mimicry=args.method, **options)
     if args.refine_data:
         refine_with_data(model, base, images, steps=args.refine_steps, lr=args.refine_lr, seed=args.seed,
                          progress=not args.no_progress)
-    report = dict(model.mimicry_report)
-    if images is not None:
-        report["features"] = feature_fidelity(model, base, images)
-    report["config"] = config.to_dict()
-    report["model"] = args.model
-    report["effective_coefficients"] = model.effective_coefficients()
+    record = {**fidelity_record(model, base, images), "model": args.model}
     model.save_pretrained(out)
-    atomic_write_json(out / FIDELITY_FILE, report)
-    summary = {k: v for k, v in report.items() if k not in ("layers", "features")}
-    if "features" in report:
-        summary["features"] = {k: v for k, v in report["features"].items() if k != "feature_cosine"}
-    summary["out"] = str(out)
-    return summary
+    path = write_fidelity(out, record)
+    _print_summary({**fidelity_summary(record), "out": str(out)}, path, args.json)
+    return 0
 
 
-def _config(args: argparse.Namespace) -> Any:
-    from recast.config import PRESET_TARGETS, RecastConfig
-
+def _config(args: argparse.Namespace) -> RecastConfig:
     target = args.target if args.target in PRESET_TARGETS else tuple(p.strip() for p in args.target.split(",") if p.strip())
     return RecastConfig(target=target, groups=args.groups, templates=args.templates, coef_sets=args.coef_sets)
 
@@ -129,49 +119,23 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     """The method's keyword options from ``--steps``, ``--lr``, ``--option`` and the progress flag."""
     options: dict[str, Any] = {"seed": args.seed, "progress": not args.no_progress}
     if args.steps is not None:
-        options["epochs" if args.method in ("encoder", "vae") else "steps"] = args.steps
+        options[steps_option(args.method)] = args.steps
     if args.lr is not None:
         options["lr"] = args.lr
     options.update(parse_options(args.option, flag="--option"))
     return options
 
 
-def _load_images(spec: str, base: nn.Module, count: int) -> torch.Tensor:
-    """Up to ``count`` images ``(N, C, H, W)``, transformed as ``base`` expects (its timm data config)."""
-    import timm.data
-
-    from recast.data import open_data
-    from recast.data.images import IMAGE_SUFFIXES, load_image
-
-    transform = timm.data.create_transform(**timm.data.resolve_model_data_config(base), is_training=False)
-    path = Path(spec)
-    if ":" not in spec or path.is_dir():
-        if not path.is_dir():
-            raise FileFormatError(f"{spec}: not a folder of images nor a data spec (imagefolder:PATH, builtin:NAME, ...)")
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:count]
-        pictures = [load_image(p) for p in files]
-    else:
-        dataset = open_data(spec).train
-        pictures = [dataset[i][0] for i in range(min(count, len(dataset)))]
-    if not pictures:
-        raise FileFormatError(f"{spec}: no images found")
-    return torch.stack([transform(picture) for picture in pictures])
-
-
 def _run_curve(
-    args: argparse.Namespace, base: nn.Module, config: Any, options: dict[str, Any], images: torch.Tensor | None
+    args: argparse.Namespace, base: nn.Module, config: RecastConfig, options: dict[str, Any], images: torch.Tensor | None
 ) -> int:
-    from recast.mimicry import compression_curve, plot_curve
-
     try:
         ns = [int(n) for n in args.curve_ns.split(",")] if args.curve_ns else None
     except ValueError:
         raise ConfigError(f"--curve-ns takes comma-separated integers, got {args.curve_ns!r}") from None
-    points = compression_curve(base, config, ns, args.method, images, **options)
-    out = Path(args.out)
+    points = compression_curve(base, config, ns, args.method, images, builder=RecastModel.from_base, **options)
     record = {"model": args.model, "config": config.to_dict(), "method": args.method, "points": points}
-    atomic_write_json(out / "curve.json", record)
-    plot_curve(points, out / "curve.png", title=f"{args.model} {args.target}: {args.method}")
+    json_path, png_path = save_curve(record, args.out, title=f"{args.model} {args.target}: {args.method}")
     if args.json:
         print(json.dumps(record, indent=2))
     else:
@@ -179,13 +143,11 @@ def _run_curve(
         for p in points:
             print(f"{p['templates']:>3} {p['weight_rel_error']:>10.3g} {p['weight_cosine_min']:>9.5f} "
                   f"{p['backbone_bytes'] / 2**20:>12.2f} {p['backbone_ratio']:>6.2f}")
-        print(f"wrote {out / 'curve.json'} and {out / 'curve.png'}")
+        print(f"wrote {json_path} and {png_path}")
     return 0
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from recast.mimicry_bench import run_bench
-
     methods = [m.strip() for m in args.bench_methods.split(",") if m.strip()]
     suite_names = [s.strip() for s in args.bench_suites.split(",") if s.strip()] if args.bench_suites else None
 
@@ -207,7 +169,7 @@ def _bench_table(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
+def _print_summary(summary: dict[str, Any], path: Path, as_json: bool) -> None:
     if as_json:
         print(json.dumps(summary, indent=2))
         return
@@ -219,4 +181,4 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
         f = summary["features"]
         print(f"features on {f['images']} images: block cosine min {f['feature_cosine_min']:.5f}, "
               f"top-1 agreement {f['top1_agreement']:.3f}")
-    print(f"wrote {summary['out']} and {Path(summary['out']) / FIDELITY_FILE}")
+    print(f"wrote {summary['out']} and {path}")

@@ -1,13 +1,13 @@
-"""Model-level Neural Mimicry: fidelity of a built model, data-driven refinement, compression curve.
+"""Model-level fidelity and data-driven refinement of a built RECAST model.
 
-These need a ``RecastModel`` and its base network (the fits in ``recast.mimicry`` only see tensors):
+These need a built model and its base network (the fits only see tensors):
 
 - :func:`weight_fidelity`: the weight metrics of ``mimicry_report``, recomputed from the model's
   current banks and ``base`` coefficients (so a changed template shows at once);
 - :func:`feature_fidelity`: per-block output cosine and top-1 agreement of the logits on images;
 - :func:`refine_with_data`: trains the templates and the ``base`` task's coefficients so that block
   outputs match the original model's on unlabeled images (useful when ``n < layers per group``);
-- :func:`compression_curve` / :func:`plot_curve`: fidelity and backbone bytes as n grows.
+- :func:`fidelity_record` / :func:`write_fidelity`: the report ``recast mimic`` writes.
 
 All blocks are named as in the base network: a generated layer's block is its name up to its last
 numeric part (``blocks.3.mlp.fc1`` -> ``blocks.3``, ``layer2.1.conv1`` -> ``layer2.1``).
@@ -16,12 +16,10 @@ numeric part (``blocks.3.mlp.fc1`` -> ``blocks.3``, ``layer2.1.conv1`` -> ``laye
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -29,10 +27,36 @@ from torch import Tensor, nn
 
 from recast.config import RecastConfig
 from recast.errors import ConfigError, TaskError
-from recast.mimicry import FitProblem, FitResult, fidelity
-from recast.mimicry_iterative import optimise
-from recast.model import RecastModel
-from recast.surgery import plan_banks
+from recast.io import atomic_write_json
+from recast.mimicry.optimise import optimise
+from recast.mimicry.problem import FitProblem, FitResult, fidelity
+from recast.surgery import BankPlan
+
+FIDELITY_FILE = "fidelity.json"
+
+
+class MimicModel(Protocol):
+    """What these tools need of a built model; ``recast.RecastModel`` provides it.
+
+    A Protocol rather than an import because ``recast.model`` imports this package.
+    """
+
+    net: nn.Module
+    plans: list[BankPlan]
+    banks: Mapping[str, Any]  # key -> TemplateBank (``templates`` ``(n, *shape)``)
+    config: RecastConfig
+    tasks: Mapping[str, Any]
+    active_task: str | None
+    training: bool
+    mimicry_report: dict[str, Any]
+
+    def set_task(self, name: str) -> None: ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+    def eval(self) -> Any: ...
+
+    def effective_coefficients(self) -> int: ...
 
 
 def block_of(name: str) -> str:
@@ -42,7 +66,7 @@ def block_of(name: str) -> str:
     return ".".join(parts[: numeric[-1] + 1]) if numeric else name
 
 
-def generated_blocks(model: RecastModel) -> list[str]:
+def generated_blocks(model: MimicModel) -> list[str]:
     """The blocks holding generated layers, in module order."""
     layers = {name for plan in model.plans for name in plan.layers}
     blocks: dict[str, None] = {}
@@ -52,7 +76,7 @@ def generated_blocks(model: RecastModel) -> list[str]:
     return list(blocks)
 
 
-def _problems_and_results(model: RecastModel, base: nn.Module, task: str) -> tuple[list[FitProblem], list[FitResult]]:
+def _problems_and_results(model: MimicModel, base: nn.Module, task: str) -> tuple[list[FitProblem], list[FitResult]]:
     """The fit problems of ``model``'s banks (targets from ``base``) and the model's current fit."""
     problems, results = [], []
     for plan in model.plans:
@@ -63,13 +87,13 @@ def _problems_and_results(model: RecastModel, base: nn.Module, task: str) -> tup
     return problems, results
 
 
-def weight_fidelity(model: RecastModel, base: nn.Module, task: str = "base") -> dict[str, Any]:
+def weight_fidelity(model: MimicModel, base: nn.Module, task: str = "base") -> dict[str, Any]:
     """``fidelity`` of ``model``'s generated weights for ``task`` against ``base``'s weights, now."""
     return fidelity(*_problems_and_results(model, base, task))
 
 
 @contextlib.contextmanager
-def _base_task_eval(model: RecastModel, base: nn.Module) -> Iterator[None]:
+def _base_task_eval(model: MimicModel, base: nn.Module) -> Iterator[None]:
     """Task ``base`` active and both networks in eval mode; restores both afterwards."""
     if "base" not in model.tasks:
         raise TaskError("the model has no task 'base' (the original head); fidelity compares against it")
@@ -111,9 +135,7 @@ def _forward_features(net: nn.Module, names: list[str], images: Tensor) -> tuple
     return store, logits
 
 
-def feature_fidelity(
-    model: RecastModel, base: nn.Module, images: Tensor, *, batch_size: int = 32
-) -> dict[str, Any]:
+def feature_fidelity(model: MimicModel, base: nn.Module, images: Tensor, *, batch_size: int = 32) -> dict[str, Any]:
     """Agreement of the rebuilt model (task ``base``) with the original on ``images`` ``(N, C, H, W)``.
 
     Returns ``feature_cosine`` (block -> mean over images of the cosine of flattened block outputs),
@@ -157,7 +179,7 @@ def _feature_loss(out: dict[str, Tensor], ref: dict[str, Tensor]) -> Tensor:
 
 
 def refine_with_data(
-    model: RecastModel,
+    model: MimicModel,
     base: nn.Module,
     images: Tensor,
     *,
@@ -204,9 +226,10 @@ def refine_with_data(
     with torch.no_grad():
         for layer in layers:
             layer.mimicry.copy_(layer.coefficients("base"))
-    entry = {"steps": steps, "lr": lr, "batch_size": batch_size, "images": int(images.shape[0]), "seconds": time.perf_counter() - start,
+    entry = {"steps": steps, "lr": lr, "batch_size": batch_size, "images": int(images.shape[0]),
+             "seconds": time.perf_counter() - start,
              "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
-    model.mimicry_report.update({k: v for k, v in weight_fidelity(model, base).items()})
+    model.mimicry_report.update(weight_fidelity(model, base))
     model.mimicry_report["refine"] = entry
     return entry
 
@@ -224,63 +247,26 @@ def _trainable(params: list[Tensor]) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def layers_per_group(base: nn.Module, config: RecastConfig) -> int:
-    """The largest number of layers sharing one bank under ``config``."""
-    return max(len(plan.layers) for plan in plan_banks(copy.deepcopy(base), config))
+def fidelity_record(model: MimicModel, base: nn.Module, images: Tensor | None = None) -> dict[str, Any]:
+    """The model's ``mimicry_report`` with feature fidelity on ``images`` (if given), config and coefficient count."""
+    record = dict(model.mimicry_report)
+    if images is not None:
+        record["features"] = feature_fidelity(model, base, images)
+    record["config"] = model.config.to_dict()
+    record["effective_coefficients"] = model.effective_coefficients()
+    return record
 
 
-def compression_curve(
-    base: nn.Module,
-    config: RecastConfig,
-    ns: list[int] | None = None,
-    method: str = "svd",
-    images: Tensor | None = None,
-    **options: Any,
-) -> list[dict[str, Any]]:
-    """Fidelity and backbone bytes for each n in ``ns`` (default: 1 .. layers per group + 1).
-
-    One point per n: ``templates``, ``seconds``, the weight metrics, ``backbone_bytes``,
-    ``original_bytes``, ``backbone_ratio`` (backbone / original), and the feature metrics when
-    ``images`` are given.
-    """
-    ns = ns or list(range(1, layers_per_group(base, config) + 2))
-    if any(n < 1 for n in ns):
-        raise ConfigError(f"every n in the curve must be >= 1, got {ns}")
-    points = []
-    for n in ns:
-        model = RecastModel.from_base(base, dataclasses.replace(config, templates=n), mimicry=method, **options)
-        report = model.mimicry_report
-        point = {"templates": n, "method": method, **{k: v for k, v in report.items() if k not in ("layers", "options", "method")}}
-        point["backbone_ratio"] = report["backbone_bytes"] / report["original_bytes"]
-        if images is not None:
-            features = feature_fidelity(model, base, images)
-            point.update({k: v for k, v in features.items() if k not in ("feature_cosine", "seconds")})
-        points.append(point)
-    return points
-
-
-def plot_curve(points: list[dict[str, Any]], path: str | Path, title: str = "Neural Mimicry: fidelity vs size") -> Path:
-    """Write a PNG: relative weight error (and feature cosine) and backbone size against n."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    ns = [p["templates"] for p in points]
-    figure = Figure(figsize=(6.4, 4.4), dpi=120, layout="constrained")
-    FigureCanvasAgg(figure)
-    axis = figure.add_subplot()
-    axis.plot(ns, [p["weight_rel_error"] for p in points], "o-", label="weight rel. error")
-    if all("feature_cosine_min" in p for p in points):
-        axis.plot(ns, [1 - p["feature_cosine_min"] for p in points], "s--", label="1 - min feature cosine")
-    axis.set_xlabel("templates per bank (n)")
-    axis.set_ylabel("error")
-    axis.set_xticks(ns)
-    size = axis.twinx()
-    size.plot(ns, [p["backbone_bytes"] / 2**20 for p in points], "^:", color="tab:red", label="backbone MiB")
-    size.axhline(points[0]["original_bytes"] / 2**20, color="tab:red", alpha=0.3, label="original MiB")
-    size.set_ylabel("backbone MiB", color="tab:red")
-    axis.set_title(title)
-    figure.legend(loc="outside lower center", ncol=2, fontsize="small")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
+def write_fidelity(directory: str | Path, record: dict[str, Any]) -> Path:
+    """Write ``record`` as ``directory/fidelity.json`` (atomically); returns the path."""
+    path = Path(directory) / FIDELITY_FILE
+    atomic_write_json(path, record)
     return path
+
+
+def fidelity_summary(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` without its per-layer and per-block entries (what a terminal shows)."""
+    summary = {k: v for k, v in record.items() if k not in ("layers", "features")}
+    if "features" in record:
+        summary["features"] = {k: v for k, v in record["features"].items() if k != "feature_cosine"}
+    return summary

@@ -25,8 +25,10 @@ from torch import Tensor, nn
 
 from recast.bank import compose
 from recast.errors import ConfigError
-from recast.mimicry import FitProblem, FitResult
-from recast.mimicry_iterative import IterativeSettings, optimise, random_init, role_weight, weight_loss
+from recast.mimicry.iterative import IterativeSettings
+from recast.mimicry.optimise import optimise, random_init, role_weight, weight_loss
+from recast.mimicry.problem import FitProblem, FitResult
+from recast.mimicry.registry import register_mimicry
 
 
 class CoefficientEncoder(nn.Module):
@@ -128,6 +130,7 @@ def _fit_encoders(
     return results
 
 
+@register_mimicry("encoder")
 def fit_encoder(
     problems: list[FitProblem],
     *,
@@ -150,6 +153,7 @@ def fit_encoder(
     )
 
 
+@register_mimicry("vae")
 def fit_vae(
     problems: list[FitProblem],
     *,

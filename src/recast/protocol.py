@@ -114,8 +114,10 @@ class TaskModel(nn.Module):
 
     # -------------------------------------------------------------------------------------- tasks
     def require_task(self, name: str) -> None:
-        """Raise a ``TaskError`` listing the existing tasks unless ``name`` is one of them."""
+        """Raise a ``TaskError`` listing the existing tasks unless ``name`` is one of them (a name
+        that breaks the task-name rule is refused with the rule)."""
         if name not in self.tasks:
+            check_task_name(name)
             raise TaskError(f"no task named {name!r}; existing tasks: {', '.join(sorted(self.tasks)) or 'none'}")
 
     _require_task = require_task

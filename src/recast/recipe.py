@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import timm
+import torchvision
 from torch import nn
 
 from recast.errors import ConfigError
@@ -47,12 +49,8 @@ def build_from_recipe(recipe: dict[str, Any]) -> nn.Module:
     factory, name = recipe.get("factory"), recipe.get("name")
     kwargs = dict(recipe.get("kwargs", {}))
     if factory == "timm":
-        import timm
-
         model = timm.create_model(name, pretrained=False, **kwargs)
     elif factory == "torchvision":
-        import torchvision
-
         builder = getattr(torchvision.models, str(name), None)
         if builder is None:
             raise ConfigError(f"torchvision has no model named {name!r}")
@@ -64,7 +62,5 @@ def build_from_recipe(recipe: dict[str, Any]) -> nn.Module:
 
 def create_timm(name: str, **kwargs: Any) -> nn.Module:
     """``timm.create_model(name, pretrained=False, **kwargs)`` with its recipe attached, in eval mode."""
-    import timm
-
     model = timm.create_model(name, pretrained=False, **kwargs)
     return attach_recipe(model, "timm", name, **kwargs).eval()

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 
 from recast import RecastConfig, RecastModel
+from recast.methods import build_method
+from recast.protocol import TaskModel
 from tests.helpers import tiny_vit
 
 
@@ -20,14 +22,23 @@ def tiny_model(seed: int = 0, tasks: tuple[str, ...] = ("a",)) -> RecastModel:
     return model
 
 
-def nudge(model: RecastModel, task: str, seed: int = 0, amount: float = 0.3) -> None:
-    """Move task ``task``'s coefficients and head by a seeded random amount, as training would."""
+def tiny_method(method: str, seed: int = 0, tasks: tuple[str, ...] = ("a",)) -> TaskModel:
+    """Any method of the registry on a 2-block ViT (``seed`` picks the backbone), with nudged extra tasks."""
+    options = {"groups": 1} if method.startswith("recast") else {}
+    model = build_method(method, tiny_vit(depth=2, seed=seed), **options).eval()
+    for index, name in enumerate(tasks):
+        model.add_task(name, 3 + index)
+        nudge(model, name, seed=seed * 100 + index)
+    return model
+
+
+def nudge(model: TaskModel, task: str, seed: int = 0, amount: float = 0.3) -> None:
+    """Move task ``task``'s trainable state (coefficients, adapters, head) by a seeded amount, as training would."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, module in model.task_modules():
-            for value in module.task_tensors(task).values():
-                if value.is_floating_point():
-                    value.add_(amount * torch.randn(value.shape, generator=generator))
+        for params in model._state_parameters(task).values():
+            for value in params:
+                value.add_(amount * torch.randn(value.shape, generator=generator))
 
 
 def shift_backbone(model: RecastModel, seed: int = 0) -> None:

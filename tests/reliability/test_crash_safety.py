@@ -1,4 +1,7 @@
-"""Concurrent writers take turns; a SIGKILL anywhere in ``save_pretrained`` leaves the old or new state."""
+"""Concurrent writers take turns; a SIGKILL anywhere in ``save_pretrained`` leaves the old or new state.
+
+Both run for RECAST and for the baselines (LoRA, full fine-tuning): they share one store.
+"""
 
 from __future__ import annotations
 
@@ -12,17 +15,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from recast import RecastModel
 from recast.format import leftover_files, verify_model_dir
 from recast.format.locking import DirectoryLockedError, is_locked, lock_directory
-from tests.reliability.common import nudge, outputs, same, shift_backbone, tiny_model
+from recast.methods import load_method
+from recast.protocol import TaskModel
+from tests.reliability.common import nudge, outputs, same, tiny_method
 
 WRITERS = 6
 TASKS_PER_WRITER = 2
-KILLS = 30
+KILLS = 20
+METHODS = ("recast", "lora", "full")
 
 
-def _add_writer_tasks(model: RecastModel, index: int) -> list[str]:
+def _add_writer_tasks(model: TaskModel, index: int) -> list[str]:
     """The tasks writer ``index`` adds, deterministic so the parent can rebuild them."""
     names = []
     for k in range(TASKS_PER_WRITER):
@@ -34,30 +39,31 @@ def _add_writer_tasks(model: RecastModel, index: int) -> list[str]:
     return names
 
 
-def _writer(directory: str, index: int, barrier: multiprocessing.synchronize.Barrier) -> None:
+def _writer(method: str, directory: str, index: int, barrier: multiprocessing.synchronize.Barrier) -> None:
     """One process: add tasks one by one with save_task, then save the whole model."""
     torch.set_num_threads(1)
-    model = tiny_model()
+    model = tiny_method(method)
     barrier.wait(timeout=60)
     for k, name in enumerate(_add_writer_tasks(model, index)):
         model.save_task(directory, name, meta={"writer": index, "step": k})
     model.save_pretrained(directory)
 
 
-def test_concurrent_writers_all_succeed_and_nothing_is_lost(tmp_path):
-    tiny_model().save_pretrained(tmp_path)
+@pytest.mark.parametrize("method", METHODS)
+def test_concurrent_writers_all_succeed_and_nothing_is_lost(tmp_path, method):
+    tiny_method(method).save_pretrained(tmp_path)
     context = multiprocessing.get_context("fork")
     barrier = context.Barrier(WRITERS)
-    workers = [context.Process(target=_writer, args=(str(tmp_path), i, barrier)) for i in range(WRITERS)]
+    workers = [context.Process(target=_writer, args=(method, str(tmp_path), i, barrier)) for i in range(WRITERS)]
     for worker in workers:
         worker.start()
     for worker in workers:
         worker.join(timeout=120)
     assert [w.exitcode for w in workers] == [0] * WRITERS
-    expected = tiny_model()
+    expected = tiny_method(method)
     for index in range(WRITERS):
         _add_writer_tasks(expected, index)
-    loaded = RecastModel.from_pretrained(tmp_path)
+    loaded = load_method(tmp_path)
     assert sorted(loaded.tasks) == sorted(expected.tasks)  # base, a and all 12 writer tasks
     assert same(outputs(loaded), outputs(expected))
     assert verify_model_dir(tmp_path) == []
@@ -74,17 +80,16 @@ def test_lock_waits_then_says_who_holds_it(tmp_path):
         pass
 
 
-def _two_states() -> list[RecastModel]:
+def _two_states(method: str) -> list[TaskModel]:
     """Old state: tasks base, a. New state: another backbone, a changed, one more task."""
-    old, new = tiny_model(), tiny_model()
-    shift_backbone(new, seed=1)
+    old, new = tiny_method(method), tiny_method(method, seed=1)
     nudge(new, "a", seed=11)
     new.add_task("extra", 4)
     nudge(new, "extra", seed=12)
     return [old, new]
 
 
-def _save_in_child_then_kill(model: RecastModel, directory: Path, delay: float) -> None:
+def _save_in_child_then_kill(model: TaskModel, directory: Path, delay: float) -> None:
     """Fork a child that runs save_pretrained; SIGKILL it ``delay`` seconds after it starts."""
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -103,8 +108,9 @@ def _save_in_child_then_kill(model: RecastModel, directory: Path, delay: float) 
     os.waitpid(pid, 0)
 
 
-def test_sigkill_at_random_points_of_save_pretrained_leaves_old_or_new_state(tmp_path):
-    states = _two_states()
+@pytest.mark.parametrize("method", METHODS)
+def test_sigkill_at_random_points_of_save_pretrained_leaves_old_or_new_state(tmp_path, method):
+    states = _two_states(method)
     expected = [outputs(s) for s in states]
     directory = tmp_path / "model"
     states[0].save_pretrained(directory)
@@ -116,7 +122,7 @@ def test_sigkill_at_random_points_of_save_pretrained_leaves_old_or_new_state(tmp
         target = 1 - current
         _save_in_child_then_kill(states[target], directory, rng.uniform(0.0, 1.2 * duration))
         seen["interrupted"] += bool(leftover_files(directory))
-        loaded = outputs(RecastModel.from_pretrained(directory))
+        loaded = outputs(load_method(directory))
         if same(loaded, expected[target]):
             current, seen["new"] = target, seen["new"] + 1
         else:

@@ -12,6 +12,7 @@ import os
 import sys
 
 from recast.errors import RecastError
+from recast.version import __version__
 
 COMMAND_MODULES = (
     "recast.cli.demo",
@@ -30,17 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="RECAST: rewrite a pretrained vision model as shared template banks plus a few "
         "coefficients per task, then learn tasks one after another without forgetting.",
     )
-    parser.add_argument("--version", action="version", version=f"recast {_version()}")
+    parser.add_argument("--version", action="version", version=f"recast {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
     return parser
-
-
-def _version() -> str:
-    from recast import __version__
-
-    return __version__
 
 
 def main(argv: list[str] | None = None) -> int:

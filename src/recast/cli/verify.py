@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from recast.format import check_model_dir
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``verify`` subcommand."""
@@ -23,8 +25,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_verify(args: argparse.Namespace) -> int:
     """Print the per-file report; 1 when any file is bad, else 0."""
-    from recast.format import check_model_dir
-
     findings = check_model_dir(args.directory)
     errors = [f for f in findings if f.status == "error"]
     if args.json:

@@ -14,9 +14,12 @@ from PIL import Image
 from torch.utils.data import Dataset, TensorDataset
 
 from recast import RecastConfig, RecastModel
+from recast.backbones import load_backbone
+from recast.bench import BenchTask, Suite, open_tasks
 from recast.data import open_data
 from recast.data.transforms import transforms_for
 from recast.errors import ConfigError, TaskError
+from recast.methods import build_method
 from recast.recipe import attach_recipe
 from recast.train import (
     SequenceTask,
@@ -242,17 +245,12 @@ def test_checkpoint_files_are_safetensors_and_json(folders, tmp_path):
 
 def test_two_builtin_tasks_on_the_shipped_vit_without_forgetting(tmp_path, monkeypatch):
     """The issue's check on real offline data: optdigits then faces on the shipped recast-vit32."""
-    from recast.backbones import load_backbone
-    from recast.bench import BenchTask, Suite, _open_tasks
-    from recast.methods import build_method
-    from recast.train import TrainConfig, learn_sequence
-
     monkeypatch.setenv("RECAST_DATA", str(tmp_path / "data"))  # built from the installed packages, here
     base = load_backbone("recast-vit32")
     model = build_method("recast", base, target="att", groups=3)
     suite = Suite("two", (BenchTask("digits", "builtin:optdigits", hflip=0.0), BenchTask("faces", "builtin:faces")),
                   (), {}, max_train_images=600)
-    tasks = _open_tasks(suite, base, seed=42)
+    tasks = open_tasks(suite, base, 42, TrainConfig())
     first_logits = {}
 
     def keep_first(model, task, result):

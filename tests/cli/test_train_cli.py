@@ -17,6 +17,7 @@ import safetensors.torch
 import torch
 
 from recast.errors import ConfigError, RecastError
+from recast.train import read_sequence
 from test_train import COLOURS_A, COLOURS_B, colour_folder, tiny_model
 
 # Runs the CLI in a child process: the full `recast` parser when every command module imports,
@@ -237,9 +238,8 @@ def test_bad_method_option_is_explained(tmp_path, data, capsys):
 
 
 def test_sequence_accepts_the_offline_suite_name(tmp_path):
-    from recast.cli.train import read_sequence
-
     suite, entries = read_sequence("offline")
-    assert suite == "offline" and [e["data"] for e in entries][:2] == ["builtin:mnist", "builtin:emoji-google"]
+    assert suite == "offline" and [e.data for e in entries][:2] == ["builtin:mnist", "builtin:emoji-google"]
+    assert [e.hflip for e in entries][:2] == [0.0, 0.5]
     with pytest.raises(ConfigError, match="no such file or suite; use 'offline'"):
         read_sequence(tmp_path / "missing.json")

@@ -6,6 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
+from recast import bench
+from recast.bench.perf import run_perf
+from recast.bench.report import write_report
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``bench`` subcommand."""
@@ -34,12 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch to the perf figures, the report, the dry run or the suite."""
-    from recast import bench
-    from recast.report import write_report
-
     if args.perf:
-        from recast.perf_bench import run_perf
-
         figures = run_perf(progress=not args.json)
         print(json.dumps(figures, indent=2) if args.json else _format_perf(figures))
         return 0

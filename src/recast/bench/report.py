@@ -102,7 +102,7 @@ def write_report(results_dir: str | Path) -> Path:
 
 def plot_accuracy_vs_bytes(rows: list[dict[str, Any]], path: Path) -> Path:
     """Average accuracy against bytes per task (log axis), one point per method and backbone."""
-    import matplotlib
+    import matplotlib  # deferred: heavy, and only the plots need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -124,7 +124,7 @@ def plot_accuracy_vs_bytes(rows: list[dict[str, Any]], path: Path) -> Path:
 
 def plot_accuracy_matrix(run: dict[str, Any], results_dir: Path) -> Path:
     """Heat map of accuracy on task j (column) after learning task i (row) for one run."""
-    import matplotlib
+    import matplotlib  # deferred: heavy, and only the plots need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -307,3 +307,20 @@ def test_sequence_records_the_method_of_the_directory(data, tmp_path):
     assert json.loads((directory / "tasks" / "a.json").read_text())["method"] == "linear"
     run = json.loads((tmp_path / "out" / "seq-linear-seed1.json").read_text())
     assert run["method"] == "linear" and run["model_method"] == "linear" and run["tasks"][0]["params"]["coefficients"] == 0
+
+
+def test_image_size_is_used_and_recorded_by_train_eval_and_tasks(model_dir, data, capsys):
+    spec = f"imagefolder:{data['a']}"
+    assert cli(["train", model_dir, "--task", "a", "--data", spec, *FAST, "--image-size", "32", "--json"]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    record = json.loads((model_dir / "tasks" / "a.json").read_text())
+    assert record["train_config"]["image_size"] == 32
+    assert cli(["eval", model_dir, "--task", "a", "--data", spec, "--json"]) == 0  # the recorded size by default
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["image_size"] == 32 and evaluated["accuracy"] == trained["metrics"]["test_accuracy"]
+    assert cli(["eval", model_dir, "--task", "a", "--data", spec, "--image-size", "16", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["image_size"] == 16
+    assert cli(["tasks", model_dir, "--json"]) == 0
+    assert {r["task"]: r["image_size"] for r in json.loads(capsys.readouterr().out)["tasks"]}["a"] == 32
+    assert cli(["train", model_dir, "--task", "b", "--data", spec, *FAST, "--image-size", "20"]) == 2
+    assert "multiple of 8" in capsys.readouterr().err

@@ -20,10 +20,11 @@ from recast.bench.suites import (
     offline_suite,
     paper_suite,
     plan,
+    with_training,
 )
 
 __all__ = [
     "PAPER_SEEDS", "BenchBackbone", "BenchTask", "Run", "Suite", "describe", "load_runs", "method_name",
     "missing_data", "offline_suite", "open_tasks", "paper_suite", "plan", "run_config", "run_one", "run_suite",
-    "summarise", "write_report",
+    "summarise", "with_training", "write_report",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -170,3 +170,9 @@ def describe(suite: Suite, runs: list[Run]) -> str:
     missing = missing_data(suite)
     lines += [f"  MISSING data root -> {m}" for m in missing] or ["  all data roots present"]
     return "\n".join(lines)
+
+
+def with_training(suite: Suite, **overrides: Any) -> Suite:
+    """``suite`` with training options replaced (``None`` values leave an option as it is)."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return replace(suite, train={**suite.train, **given}) if given else suite

@@ -9,6 +9,7 @@ from pathlib import Path
 from recast import bench
 from recast.bench.perf import run_perf
 from recast.bench.report import write_report
+from recast.train import AUGMENTS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,6 +32,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the plan and which data roots are missing")
     parser.add_argument("--report-only", action="store_true", help="only rebuild RESULTS.md and plots from --out/runs")
     parser.add_argument("--restart", action="store_true", help="rerun runs whose result file already exists")
+    parser.add_argument("--image-size", type=int, metavar="N",
+                        help="input side length for every backbone (default: each backbone's own); recorded in every run file")
+    parser.add_argument("--augment", choices=AUGMENTS,
+                        help="training augmentation: default, reference (the reference release's preset) or none")
     parser.add_argument("--perf", action="store_true", help="measure the speed and memory ratios instead (see --json)")
     parser.add_argument("--json", action="store_true", help="with --perf: print one JSON object of ratios")
     parser.set_defaults(func=run)
@@ -46,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {write_report(args.out)}")
         return 0
     suite = bench.offline_suite(args.quick) if args.suite == "offline" else bench.paper_suite(args.data_root)
+    suite = bench.with_training(suite, image_size=args.image_size, augment=args.augment)
     runs = bench.plan(suite, args.methods, args.seeds, args.backbones)
     print(bench.describe(suite, runs))
     if args.dry_run:

@@ -9,41 +9,16 @@ same one ``recast train --sequence`` writes); :mod:`recast.bench.report` then ma
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
 from recast.bench.report import write_report
-from recast.bench.suites import Run, Suite, method_name
+from recast.bench.suites import Run, Suite, load_base, method_name, open_tasks, run_config
+from recast.bench.tuning import tune
 from recast.io import atomic_write_json
 from recast.methods import build_method
-from recast.train import (
-    SequenceTask,
-    TrainConfig,
-    learn_sequence,
-    open_task,
-    run_record,
-    set_image_size,
-    task_meta,
-)
-
-
-def run_config(suite: Suite, run: Run, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """The training options of one run: the suite's, then ``overrides``, with the run's seed."""
-    return TrainConfig.from_dict({**suite.train, **(overrides or {}), "seed": run.seed})
-
-
-def load_base(run: Run, config: TrainConfig) -> nn.Module:
-    """The run's pretrained backbone at the run's input size."""
-    return set_image_size(run.backbone.load(), config.image_size)
-
-
-def open_tasks(suite: Suite, base: nn.Module, seed: int, config: TrainConfig) -> list[SequenceTask]:
-    """Every task's splits with the backbone's own transforms (splits and subsample seeded with ``seed``)."""
-    return [open_task(task, base, config, data_seed=seed, max_train_images=suite.max_train_images)
-            for task in suite.tasks]
+from recast.train import SequenceTask, learn_sequence, run_record, task_meta
 
 
 def run_one(
@@ -77,14 +52,29 @@ def run_one(
     return record
 
 
-def run_suite(suite: Suite, runs: list[Run], out: str | Path, progress: bool = False, resume: bool = True,
-              log: Callable[[str], None] = print) -> Path:
-    """Every run (skipping those whose result file exists when ``resume``), then the report."""
+def run_suite(
+    suite: Suite, runs: list[Run], out: str | Path, progress: bool = False, resume: bool = True,
+    log: Callable[[str], None] = print, *, tune_lrs: bool = False, grid: Mapping[str, Sequence[float]] | None = None,
+) -> Path:
+    """Every run (skipping those whose result file exists when ``resume``), then the report.
+
+    With ``tune_lrs`` each (method, backbone) first has its learning rates chosen from ``grid``
+    by validation accuracy on its first seed (:mod:`recast.bench.tuning`); its runs then use them.
+    """
     out = Path(out)
+    chosen: dict[tuple[str, str], dict[str, Any]] = {}
     for index, run in enumerate(runs, 1):
         if resume and (out / "runs" / run.file_name).exists():
             log(f"[{index}/{len(runs)}] {run.file_name}: already done, kept")
             continue
-        log(f"[{index}/{len(runs)}] {run.method} on {run.backbone.key}, seed {run.seed}")
-        run_one(suite, run, out, progress=progress, log=log)
+        key = (run.method, run.backbone.key)
+        if tune_lrs and key not in chosen:
+            first = next(r for r in runs if (r.method, r.backbone.key) == key)
+            log(f"tuning {run.method} on {run.backbone.key}: learning rates by validation accuracy, seed {first.seed}")
+            chosen[key] = tune(suite, first, out, grid=grid, resume=resume, log=log)
+        tuning = chosen.get(key)
+        log(f"[{index}/{len(runs)}] {run.method} on {run.backbone.key}, seed {run.seed}"
+            + (f", learning rates {tuning['chosen']}" if tuning else ""))
+        run_one(suite, run, out, progress=progress, log=log, options=tuning["options"] if tuning else None,
+                extra={"tuning": tuning} if tuning else None)
     return write_report(out)

@@ -13,8 +13,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from recast.backbones import load_backbone
 from recast.errors import ConfigError
+from recast.train import SequenceTask, TrainConfig, open_task, set_image_size
 from recast.train.sequence import SequenceEntry, offline_entries
 
 PAPER_SEEDS = (42, 1998, 3142592)
@@ -176,3 +179,19 @@ def with_training(suite: Suite, **overrides: Any) -> Suite:
     """``suite`` with training options replaced (``None`` values leave an option as it is)."""
     given = {k: v for k, v in overrides.items() if v is not None}
     return replace(suite, train={**suite.train, **given}) if given else suite
+
+
+def run_config(suite: Suite, run: Run, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The training options of one run: the suite's, then ``overrides``, with the run's seed."""
+    return TrainConfig.from_dict({**suite.train, **(overrides or {}), "seed": run.seed})
+
+
+def load_base(run: Run, config: TrainConfig) -> nn.Module:
+    """The run's pretrained backbone at the run's input size."""
+    return set_image_size(run.backbone.load(), config.image_size)
+
+
+def open_tasks(suite: Suite, base: nn.Module, seed: int, config: TrainConfig) -> list[SequenceTask]:
+    """Every task's splits with the backbone's own transforms (splits and subsample seeded with ``seed``)."""
+    return [open_task(task, base, config, data_seed=seed, max_train_images=suite.max_train_images)
+            for task in suite.tasks]

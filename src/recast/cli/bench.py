@@ -9,6 +9,7 @@ from pathlib import Path
 from recast import bench
 from recast.bench.perf import run_perf
 from recast.bench.report import write_report
+from recast.bench.tuning import DEFAULT_GRID, parse_grid
 from recast.train import AUGMENTS
 
 
@@ -36,6 +37,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="input side length for every backbone (default: each backbone's own); recorded in every run file")
     parser.add_argument("--augment", choices=AUGMENTS,
                         help="training augmentation: default, reference (the reference release's preset) or none")
+    parser.add_argument("--tune", action="store_true",
+                        help="choose each method's learning rates from a small grid by validation accuracy on the first "
+                        "seed (RECAST: coefficients x head; LoRA and adapters: adapter x head; linear: head; full: "
+                        "backbone x head), then run every seed with them; grid, scores and choice go into the run files")
+    parser.add_argument("--tune-grid", action="append", default=[], metavar="KIND=LR,LR",
+                        help="replace the grid of one kind, repeatable: head, coefficients, adapter, backbone (defaults: "
+                        + "; ".join(f"{k} {','.join(f'{v:g}' for v in vs)}" for k, vs in DEFAULT_GRID.items()) + ")")
     parser.add_argument("--perf", action="store_true", help="measure the speed and memory ratios instead (see --json)")
     parser.add_argument("--json", action="store_true", help="with --perf: print one JSON object of ratios")
     parser.set_defaults(func=run)
@@ -59,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     if bench.missing_data(suite):
         print("recast: error: some data roots are missing (see above); fix --data-root or download them first")
         return 2
-    report = bench.run_suite(suite, runs, args.out, progress=True, resume=not args.restart)
+    report = bench.run_suite(suite, runs, args.out, progress=True, resume=not args.restart, tune_lrs=args.tune,
+                             grid=parse_grid(args.tune_grid))
     print(f"wrote {report} and the plots beside it")
     return 0
 

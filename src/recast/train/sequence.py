@@ -177,6 +177,8 @@ def learn_sequence(
 ) -> dict[str, Any]:
     """Learn ``tasks`` one after another; after each, measure every task learned so far on its test split.
 
+    The best epoch of each task is chosen on its validation split; test splits are read only by
+    the measurement after each task (a task's ``test_accuracy`` is the matrix's diagonal).
     ``on_task(model, task, result)`` is called after each task is learned and returns its size in
     bytes on disk (e.g. by saving it). With ``state_dir``, the records and matrix rows of the
     finished tasks go to ``state_dir/progress.json`` after each task and each task's epoch
@@ -191,20 +193,17 @@ def learn_sequence(
     for i, task in enumerate(tasks[len(records):], start=len(records)):
         prepare_task(model, task.name, task.classes, own_bn=own_bn, seed=config.seed)
         checkpoints = state / "tasks" / task.name if state is not None else None
-        result = fit_task(model, task.train, task.val, task.test, config, dist=dist, progress=progress,
+        result = fit_task(model, task.train, task.val, None, config, dist=dist, progress=progress,
                           checkpoint_dir=checkpoints, resume=resume and checkpoints is not None and has_checkpoint(checkpoints))
+        row = _test_row(model, tasks[: i + 1], config, dist)  # the test splits, once, after the task is learned
+        matrix.append(row + [None] * (len(tasks) - i - 1))
+        result.test_accuracy = row[i]
         size = on_task(model, task, result) if on_task is not None else None
         records.append({"name": task.name, "data": task.data, "test_accuracy": result.test_accuracy,
                         "val_accuracy": result.val_accuracy, "best_epoch": result.best_epoch,
                         "params": model.task_parameters(task.name), "bytes": size,
                         "train_seconds": result.train_seconds, "peak_rss_mb": result.peak_rss_mb,
                         "split_info": task.split_info})
-        row: list[float | None] = []
-        for earlier in tasks[: i + 1]:
-            model.set_task(earlier.name)
-            row.append(evaluate(model, earlier.test, batch_size=config.eval_batch_size or config.batch_size,
-                                precision=config.precision, dist=dist))
-        matrix.append(row + [None] * (len(tasks) - i - 1))
         if state is not None and dist.is_main:
             atomic_write_json(state / PROGRESS_FILE, {"format": "recast-sequence-progress", "config": config.to_dict(),
                                                       "tasks": [t.name for t in tasks], "records": records,
@@ -212,6 +211,16 @@ def learn_sequence(
             remove_checkpoint(checkpoints)  # type: ignore[arg-type]
     return {"tasks": records, "accuracy_matrix": matrix, "average_accuracy": metrics.average_accuracy(matrix),
             "forgetting": metrics.forgetting(matrix), "bwt": metrics.backward_transfer(matrix)}
+
+
+def _test_row(model: Any, learned: Sequence[SequenceTask], config: TrainConfig, dist: DistContext) -> list[float | None]:
+    """Test accuracy of every task learned so far; the last one stays active."""
+    row: list[float | None] = []
+    for task in learned:
+        model.set_task(task.name)
+        row.append(evaluate(model, task.test, batch_size=config.eval_batch_size or config.batch_size,
+                            precision=config.precision, dist=dist))
+    return row
 
 
 def _read_progress(

@@ -16,13 +16,11 @@ from typing import Any
 import torch
 
 from recast import train
-from recast.backbones import load_backbone
 from recast.cli.options import parse_options
 from recast.data.images import load_image
 from recast.data.transforms import transforms_for
 from recast.distributed import DistContext, default_device, init_distributed, shutdown
 from recast.errors import ConfigError, FileFormatError
-from recast.methods import build_method
 from recast.train import TrainConfig
 
 DEFAULT_SEEDS = (42, 1998, 3142592)
@@ -203,12 +201,11 @@ def _ensure_directory(args: argparse.Namespace, dist: DistContext) -> None:
         return
     if not args.model:
         raise FileFormatError(f"{args.directory}: not a recast model directory; pass --model SPEC --target T to create it")
+    options = parse_options(args.opt)
+    if args.target:
+        options["target"] = args.target
     if dist.is_main:
-        options = parse_options(args.opt)
-        if args.target:
-            options["target"] = args.target
-        base = load_backbone(args.model, weights=args.weights)
-        build_method(args.method or "recast", base, **options).save_pretrained(args.directory)
+        train.create_directory(args.directory, args.model, method=args.method, options=options, weights=args.weights)
     dist.barrier()
 
 

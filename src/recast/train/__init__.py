@@ -11,6 +11,7 @@ from recast.train.checkpoint import has_checkpoint, load_state_tensors, remove_c
 from recast.train.config import AUGMENTS, PRECISIONS, TrainConfig, TrainingError, read_config_file
 from recast.train.directory import (
     backbone_bytes,
+    create_directory,
     is_model_directory,
     load_model,
     recorded_image_size,
@@ -38,7 +39,7 @@ from recast.train.sequence import (
 
 __all__ = [
     "AUGMENTS", "PRECISIONS", "FitResult", "SequenceEntry", "SequenceRun", "SequenceTask", "TrainConfig",
-    "TrainingError", "backbone_bytes", "check_classes", "evaluate", "fit_task", "forward_mixed", "has_checkpoint", "image_size_of",
+    "TrainingError", "backbone_bytes", "check_classes", "create_directory", "evaluate", "fit_task", "forward_mixed", "has_checkpoint", "image_size_of",
     "is_model_directory", "learn_sequence", "load_model", "load_state_tensors", "offline_entries", "open_task",
     "peak_rss_mb", "predict_logits", "prepare_task", "read_config_file", "read_sequence", "recorded_image_size",
     "remove_checkpoint", "require_task", "run_record", "run_sequence", "set_image_size", "state_tensors",

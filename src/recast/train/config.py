@@ -9,6 +9,11 @@ from typing import Any
 from recast.errors import ConfigError, FileFormatError, RecastError
 from recast.io import read_json
 
+try:
+    import tomllib
+except ImportError:  # Python 3.10: TOML config files are refused with a clear message
+    tomllib = None  # type: ignore[assignment]
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 AUGMENTS = ("default", "reference", "none")
 
@@ -102,10 +107,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     """The training options in a JSON or TOML file, as a dict."""
     path = Path(path)
     if path.suffix.lower() == ".toml":
-        try:
-            import tomllib  # Python 3.11+
-        except ImportError:
-            raise ConfigError("TOML config files need Python 3.11 or newer; use a JSON file") from None
+        if tomllib is None:
+            raise ConfigError("TOML config files need Python 3.11 or newer; use a JSON file")
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:

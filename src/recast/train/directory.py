@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from recast.backbones import load_backbone
 from recast.errors import ConfigError, FileFormatError, TaskError
 from recast.io import read_json
-from recast.methods import load_method
+from recast.methods import build_method, load_method
 from recast.model import BACKBONE_FILE, CONFIG_FILE, TASKS_DIR
 from recast.train.resolution import set_image_size
 
@@ -15,6 +16,15 @@ from recast.train.resolution import set_image_size
 def is_model_directory(directory: str | Path) -> bool:
     """True when ``directory`` holds a committed model (its config file)."""
     return (Path(directory) / CONFIG_FILE).is_file()
+
+
+def create_directory(
+    directory: str | Path, model: str, *, method: str | None = None, options: dict[str, Any] | None = None,
+    weights: str | None = None,
+) -> None:
+    """Make a model directory for ``method`` (default ``recast``) from the backbone spec ``model``."""
+    base = load_backbone(model, weights=weights)
+    build_method(method or "recast", base, **(options or {})).save_pretrained(directory)
 
 
 def load_model(directory: str | Path, *, method: str | None = None, image_size: int | None = None) -> Any:

@@ -311,10 +311,11 @@ def test_sequence_records_the_method_of_the_directory(data, tmp_path):
 
 def test_image_size_is_used_and_recorded_by_train_eval_and_tasks(model_dir, data, capsys):
     spec = f"imagefolder:{data['a']}"
-    assert cli(["train", model_dir, "--task", "a", "--data", spec, *FAST, "--image-size", "32", "--json"]) == 0
+    assert cli(["train", model_dir, "--task", "a", "--data", spec, *FAST, "--image-size", "32", "--augment", "none",
+                "--json"]) == 0
     trained = json.loads(capsys.readouterr().out)
     record = json.loads((model_dir / "tasks" / "a.json").read_text())
-    assert record["train_config"]["image_size"] == 32
+    assert record["train_config"]["image_size"] == 32 and record["train_config"]["augment"] == "none"
     assert cli(["eval", model_dir, "--task", "a", "--data", spec, "--json"]) == 0  # the recorded size by default
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["image_size"] == 32 and evaluated["accuracy"] == trained["metrics"]["test_accuracy"]

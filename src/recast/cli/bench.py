@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from recast import bench
-from recast.bench.perf import run_perf
+from recast.bench.perf import PerfSetup, run_perf
 from recast.bench.report import write_report
 from recast.bench.tuning import DEFAULT_GRID, parse_grid
 from recast.train import AUGMENTS
@@ -34,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--report-only", action="store_true", help="only rebuild RESULTS.md and plots from --out/runs")
     parser.add_argument("--restart", action="store_true", help="rerun runs whose result file already exists")
     parser.add_argument("--image-size", type=int, metavar="N",
-                        help="input side length for every backbone (default: each backbone's own); recorded in every run file")
+                        help="input side length for every backbone (default: each backbone's own; with --perf: 224); "
+                        "recorded in every run file")
     parser.add_argument("--augment", choices=AUGMENTS,
                         help="training augmentation: default, reference (the reference release's preset) or none")
     parser.add_argument("--tune", action="store_true",
@@ -52,7 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Dispatch to the perf figures, the report, the dry run or the suite."""
     if args.perf:
-        figures = run_perf(progress=not args.json)
+        setup = PerfSetup(kwargs={"img_size": args.image_size}) if args.image_size else PerfSetup()
+        figures = run_perf(setup, progress=not args.json)
         print(json.dumps(figures, indent=2) if args.json else _format_perf(figures))
         return 0
     if args.report_only:

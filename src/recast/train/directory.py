@@ -7,9 +7,9 @@ from typing import Any
 
 from recast.backbones import load_backbone
 from recast.errors import ConfigError, FileFormatError, TaskError
-from recast.io import read_json
+from recast.format import BACKBONE_FILE, CONFIG_FILE
+from recast.format import task_records as committed_task_records
 from recast.methods import build_method, load_method
-from recast.model import BACKBONE_FILE, CONFIG_FILE, TASKS_DIR
 from recast.train.resolution import set_image_size
 
 
@@ -58,16 +58,16 @@ def recorded_image_size(model: Any, task: str) -> int | None:
 
 
 def task_records(directory: str | Path) -> list[dict[str, Any]]:
-    """The task records of a model directory, read from ``tasks/*.json`` without loading any weights."""
+    """The task records of a model directory, as its committed config lists them, without loading any weights."""
     directory = Path(directory)
     if not is_model_directory(directory):
         raise FileFormatError(f"{directory}: not a recast model directory (no {CONFIG_FILE})")
     rows = []
-    for path in sorted((directory / TASKS_DIR).glob("*.json")):
-        record = read_json(path)
+    for name, record in committed_task_records(directory).items():
+        record = record if isinstance(record, dict) else {}
         metrics = record.get("metrics") or {}
         rows.append({
-            "task": record.get("task", path.stem), "num_classes": record.get("num_classes"),
+            "task": record.get("task", name), "num_classes": record.get("num_classes"),
             "params": record.get("params", {}), "bytes": record.get("bytes"),
             "test_accuracy": metrics.get("test_accuracy"), "val_accuracy": metrics.get("val_accuracy"),
             "method": record.get("method"), "seed": record.get("seed"),

@@ -23,7 +23,7 @@ import torch
 import torchvision
 from torch.utils.data import Dataset, Subset
 
-from recast import __version__, metrics
+from recast import metrics
 from recast.data import open_data
 from recast.data.transforms import data_config, transforms_for
 from recast.distributed import DistContext
@@ -34,6 +34,7 @@ from recast.train.config import TrainConfig
 from recast.train.directory import is_model_directory, load_model
 from recast.train.evaluate import evaluate
 from recast.train.loop import FitResult, fit_task
+from recast.version import __version__
 
 PROGRESS_FILE = "progress.json"
 OFFLINE_TASKS: tuple[tuple[str, str, float], ...] = (  # (name, data spec, flip probability), in order

@@ -265,7 +265,7 @@ def test_sequence_killed_in_task_two_resumes_to_the_same_matrix(model_dir, data,
     child = subprocess.Popen([sys.executable, launcher, "train", model_dir, *args, "--out", tmp_path / "killed"],
                              env=_child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     state = model_dir / "checkpoints" / "sequence-three" / "seed3"
-    inside_task_two = state / "tasks" / "t2" / "checkpoint.json"
+    inside_task_two = state / "epochs" / "t2" / "checkpoint.json"
     deadline = time.time() + 120
     while not inside_task_two.exists() and child.poll() is None and time.time() < deadline:
         time.sleep(0.01)

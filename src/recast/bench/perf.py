@@ -26,6 +26,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from recast.config import RecastConfig
+from recast.format import task_records
 from recast.model import RecastModel
 from recast.recipe import create_timm
 from recast.train import peak_rss_mb
@@ -166,7 +167,7 @@ def switch_figures(setup: PerfSetup, repeats: int = 7) -> dict[str, Any]:
             peft_model.set_adapter(name)
 
         recast_s, peft_s = _median_time(recast_switch, repeats), _median_time(peft_switch, repeats)
-        sizes = {"recast_task_file_bytes": Path(tmp, "tasks", "b.safetensors").stat().st_size,
+        sizes = {"recast_task_file_bytes": task_records(tmp)["b"]["bytes"],
                  "peft_adapter_file_bytes": Path(tmp, "peft", "adapter_model.safetensors").stat().st_size}
     return {"switch_recast_over_peft": {**ratio(recast_s, peft_s, "s"), **sizes}}
 

@@ -183,7 +183,7 @@ def learn_sequence(
     ``on_task(model, task, result)`` is called after each task is learned and returns its size in
     bytes on disk (e.g. by saving it). With ``state_dir``, the records and matrix rows of the
     finished tasks go to ``state_dir/progress.json`` after each task and each task's epoch
-    checkpoints to ``state_dir/tasks/<name>/``; ``resume=True`` skips the finished tasks (which
+    checkpoints to ``state_dir/epochs/<name>/``; ``resume=True`` skips the finished tasks (which
     ``model`` must already hold, e.g. loaded from where ``on_task`` saved them) and continues the
     interrupted one from its last epoch. Returns ``tasks`` records, the ``accuracy_matrix`` and
     the metrics of :mod:`recast.metrics`.
@@ -193,7 +193,7 @@ def learn_sequence(
     records, matrix = _read_progress(state, config, tasks, model) if resume and state is not None else ([], [])
     for i, task in enumerate(tasks[len(records):], start=len(records)):
         prepare_task(model, task.name, task.classes, own_bn=own_bn, seed=config.seed)
-        checkpoints = state / "tasks" / task.name if state is not None else None
+        checkpoints = state / "epochs" / task.name if state is not None else None
         result = fit_task(model, task.train, task.val, None, config, dist=dist, progress=progress,
                           checkpoint_dir=checkpoints, resume=resume and checkpoints is not None and has_checkpoint(checkpoints))
         row = _test_row(model, tasks[: i + 1], config, dist)  # the test splits, once, after the task is learned

@@ -1,11 +1,15 @@
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from PIL import Image
+from torch.utils.data import Dataset
 
 from recast import bench
+from recast.bench.tuning import DEFAULT_GRID, grid_points, parse_grid
 from recast.errors import ConfigError
+from recast.train import sequence
 from tests.helpers import tiny_vit
 
 
@@ -73,3 +77,59 @@ def test_demo_prints_table_predictions_and_files(tiny_suite, tmp_path, capsys):
     assert report.exists() and "| recast:att | tiny |" in printed
     assert "predicted" in printed and "true" in printed
     assert f"Files: results table {report}" in printed
+
+
+class _TestSpy(Dataset):
+    """A test split that notes every read in a shared event list."""
+
+    def __init__(self, inner, events):
+        self.inner, self.events = inner, events
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, index):
+        self.events.append(("test", index))
+        return self.inner[index]
+
+
+def test_tune_chooses_on_validation_and_reads_test_data_only_in_the_final_runs(tiny_suite, tmp_path, monkeypatch):
+    events = []
+    real_open = sequence.open_data
+
+    def spying_open(spec, **options):
+        splits = real_open(spec, **options)
+        return replace(splits, test=_TestSpy(splits.test, events))
+
+    monkeypatch.setattr(sequence, "open_data", spying_open)
+    suite = replace(tiny_suite, seeds=(42, 7))
+    runs = bench.plan(suite, methods=["recast"])
+    out = tmp_path / "results"
+    grid = {"coefficients": (1e-4, 5e-2), "head": (5e-2,)}
+    report = bench.run_suite(suite, runs, out, log=lambda line: events.append(("log", line)), tune_lrs=True, grid=grid)
+    trials = [i for i, (kind, what) in enumerate(events) if kind == "log" and "tune recast:att / tiny [" in str(what)]
+    reads = [i for i, (kind, _) in enumerate(events) if kind == "test"]
+    assert len(trials) == 2 and reads and max(trials) < min(reads)  # no test read before the final runs
+    records = [json.loads((out / "runs" / f"recast-att__tiny__{seed}.json").read_text()) for seed in (42, 7)]
+    tuning = records[0]["tuning"]
+    assert tuning["selected_on"] == "validation" and tuning["seed"] == 42 and len(tuning["scores"]) == 2
+    assert tuning["chosen"] == max(tuning["scores"], key=lambda s: s["val_accuracy"])["lrs"]
+    assert records[1]["tuning"] == tuning  # every seed runs with the first seed's choice
+    for record in records:
+        assert record["method_options"]["lrs"] == tuning["chosen"]
+    assert sorted(p.name for p in (out / "tuning").iterdir()) == ["recast-att__tiny.json"]
+    text = report.read_text()
+    assert "Learning rates chosen by validation accuracy" in text and "| recast:att | tiny |" in text
+
+
+def test_tuning_grids_per_method():
+    assert grid_points("linear") == [{"head": lr} for lr in DEFAULT_GRID["head"]]
+    assert {tuple(p) for p in grid_points("recast:att")} == {("coefficients", "head")}
+    assert {tuple(p) for p in grid_points("lora")} == {("adapter", "head")}
+    assert {tuple(p) for p in grid_points("full")} == {("backbone", "head")}
+    both = grid_points("recast+clr", {"adapter": (1e-3,), "head": (1e-2,)})
+    assert both == [{"adapter": 1e-3, "head": 1e-2, "coefficients": 1e-3}]
+    assert len(grid_points("recast")) == len(DEFAULT_GRID["coefficients"]) * len(DEFAULT_GRID["head"])
+    assert parse_grid(["head=1e-3,1e-2"]) == {"head": (1e-3, 1e-2)}
+    with pytest.raises(ConfigError, match="KIND=LR"):
+        parse_grid(["lr=1e-3"])

@@ -9,6 +9,7 @@ import timm
 import torch
 
 from recast import ConfigError, RecastConfig, RecastModel, TaskError
+from recast.bench.mimicry import problems_of
 from recast.mimicry import (
     FitProblem,
     IterativeSettings,
@@ -24,7 +25,6 @@ from recast.mimicry import (
 )
 from recast.mimicry.encoder import CoefficientEncoder
 from recast.mimicry.optimise import random_init, role_weight
-from recast.mimicry_bench import problems_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,6 +1,6 @@
 """`recast bench --perf` runs end to end on a tiny ViT and reports every ratio with its two figures."""
 
-from recast.perf_bench import PerfSetup, run_perf
+from recast.bench.perf import PerfSetup, run_perf
 
 RATIOS = (
     "train_step_recast_att_over_lora", "train_step_recast_attmlp_over_full", "peak_mem_recast_over_lora",
@@ -9,7 +9,7 @@ RATIOS = (
 
 
 def test_worker_process_reports_one_method():
-    from recast.perf_bench import _run_worker
+    from recast.bench.perf import _run_worker
 
     setup = PerfSetup("vit_tiny_patch16_224", {"img_size": 16, "patch_size": 8, "depth": 6, "embed_dim": 32,
                                                "num_heads": 2}, batch=2, steps=1, warmup=0)

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
+from recast.bench.report import load_runs, summarise, write_report
 from recast.errors import FileFormatError
-from recast.report import load_runs, summarise, write_report
 
 
 def run_record(method: str, seed: int, accuracy: float) -> dict:

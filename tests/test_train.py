@@ -14,10 +14,13 @@ from PIL import Image
 from torch.utils.data import Dataset, TensorDataset
 
 from recast import RecastConfig, RecastModel
+from recast.backbones import load_backbone
+from recast.bench import BenchBackbone, BenchTask, Suite, open_tasks, plan, run_one
 from recast.data import open_data
 from recast.data.transforms import transforms_for
 from recast.errors import ConfigError, TaskError
-from recast.recipe import attach_recipe
+from recast.methods import build_method
+from recast.recipe import attach_recipe, recipe_of
 from recast.train import (
     SequenceTask,
     TrainConfig,
@@ -25,11 +28,15 @@ from recast.train import (
     evaluate,
     fit_task,
     forward_mixed,
+    image_size_of,
     learn_sequence,
+    load_model,
     predict_logits,
     prepare_task,
+    set_image_size,
     state_tensors,
 )
+from tests.helpers import narrow_resnet
 
 TINY = {"img_size": 16, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2, "num_classes": 3}
 COLOURS_A = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
@@ -242,17 +249,12 @@ def test_checkpoint_files_are_safetensors_and_json(folders, tmp_path):
 
 def test_two_builtin_tasks_on_the_shipped_vit_without_forgetting(tmp_path, monkeypatch):
     """The issue's check on real offline data: optdigits then faces on the shipped recast-vit32."""
-    from recast.backbones import load_backbone
-    from recast.bench import BenchTask, Suite, _open_tasks
-    from recast.methods import build_method
-    from recast.train import TrainConfig, learn_sequence
-
     monkeypatch.setenv("RECAST_DATA", str(tmp_path / "data"))  # built from the installed packages, here
     base = load_backbone("recast-vit32")
     model = build_method("recast", base, target="att", groups=3)
     suite = Suite("two", (BenchTask("digits", "builtin:optdigits", hflip=0.0), BenchTask("faces", "builtin:faces")),
                   (), {}, max_train_images=600)
-    tasks = _open_tasks(suite, base, seed=42)
+    tasks = open_tasks(suite, base, 42, TrainConfig())
     first_logits = {}
 
     def keep_first(model, task, result):
@@ -269,3 +271,32 @@ def test_two_builtin_tasks_on_the_shipped_vit_without_forgetting(tmp_path, monke
     with torch.no_grad():
         assert torch.equal(predict_logits(model.eval(), tasks[0].test), first_logits["after"])
     assert outcome["accuracy_matrix"][1][0] == outcome["accuracy_matrix"][0][0] and outcome["forgetting"] == 0.0
+
+
+def test_image_size_changes_the_model_input_and_the_transforms():
+    base = tiny_base()
+    assert image_size_of(base) == 16
+    set_image_size(base, 32)
+    assert image_size_of(base) == 32 and base.patch_embed.grid_size == (4, 4)
+    assert base.pos_embed.shape[1] == 1 + 16  # the class token plus a 4 x 4 grid, resampled
+    image = transforms_for(base, train=False)(Image.new("RGB", (50, 40)))
+    assert image.shape == (3, 32, 32) and base(image[None]).shape == (1, 3)
+    assert recipe_of(base)["kwargs"]["img_size"] == 32  # a saved copy is rebuilt at this size
+    with pytest.raises(ConfigError, match="multiple of 8"):
+        set_image_size(base, 36)
+    resnet = narrow_resnet()
+    set_image_size(resnet, 48)
+    assert image_size_of(resnet) == 48
+    assert transforms_for(resnet, train=True)(Image.new("RGB", (20, 20))).shape == (3, 48, 48)
+
+
+def test_image_size_in_a_suite_is_applied_and_recorded(folders, tmp_path):
+    task = BenchTask("a", f"imagefolder:{folders[0]}")
+    backbone = BenchBackbone("tiny", "tiny-vit", ("recast:att",), {"recast:att": {"target": "att", "groups": 1}},
+                             loader=tiny_base)
+    suite = Suite("sized", (task,), (backbone,), {"epochs": 1, "batch_size": 16, "image_size": 32}, seeds=(0,))
+    record = run_one(suite, plan(suite)[0], tmp_path, log=lambda _: None)
+    assert record["image_size"] == 32 and record["train_config"]["image_size"] == 32
+    model = load_model(tmp_path / "models" / "recast-att__tiny__0")  # saved at 32 px, rebuilt at 32 px
+    assert image_size_of(model.net) == 32
+    assert model.tasks["a"].meta["train_config"]["image_size"] == 32

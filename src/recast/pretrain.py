@@ -17,11 +17,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy
+import PIL
+import timm
 import torch
+from safetensors.torch import save
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from recast.backbones import build_shipped_architecture, shipped_registry
+from recast.data import open_data
+from recast.data.transforms import transforms_for
 from recast.io import atomic_write_bytes, atomic_write_json
 
 
@@ -46,10 +53,6 @@ class PretrainConfig:
 
 def pretrain(config: PretrainConfig, out_dir: Path) -> dict[str, Any]:
     """Pretrain ``config.backbone`` (a shipped backbone name) and write it into ``out_dir``."""
-    from recast.backbones import build_shipped_architecture, shipped_registry
-    from recast.data import open_data
-    from recast.data.transforms import transforms_for
-
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
     probe = build_shipped_architecture(config.backbone, num_classes=1)
@@ -135,8 +138,6 @@ def evaluate(model: nn.Module, loader: DataLoader) -> float:
 def _write(model: nn.Module, entry: dict[str, Any], config: PretrainConfig, splits: Any,
            history: list[dict], test_accuracy: float, seconds: float, out_dir: Path) -> dict[str, Any]:
     """Write the fp16 weights and the manifest; returns the manifest."""
-    from safetensors.torch import save
-
     weights = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()
                if v.is_floating_point()}
     data = save(weights, metadata={"backbone": config.backbone, "format": "recast-shipped-1"})
@@ -186,8 +187,4 @@ def _device_name(device: str) -> str:
 
 def _versions() -> dict[str, str]:
     """Library versions the result depends on."""
-    import numpy
-    import PIL
-    import timm
-
     return {"torch": torch.__version__, "timm": timm.__version__, "numpy": numpy.__version__, "pillow": PIL.__version__}

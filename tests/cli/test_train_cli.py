@@ -17,7 +17,9 @@ import safetensors.torch
 import torch
 
 from recast.errors import ConfigError, RecastError
-from test_train import COLOURS_A, COLOURS_B, colour_folder, tiny_model
+from recast.methods import build_method
+from recast.train import read_sequence
+from test_train import COLOURS_A, COLOURS_B, colour_folder, tiny_base, tiny_model
 
 # Runs the CLI in a child process: the full `recast` parser when every command module imports,
 # else only the commands under test (other command modules may still be missing in a checkout).
@@ -237,9 +239,89 @@ def test_bad_method_option_is_explained(tmp_path, data, capsys):
 
 
 def test_sequence_accepts_the_offline_suite_name(tmp_path):
-    from recast.cli.train import read_sequence
-
     suite, entries = read_sequence("offline")
-    assert suite == "offline" and [e["data"] for e in entries][:2] == ["builtin:mnist", "builtin:emoji-google"]
+    assert suite == "offline" and [e.data for e in entries][:2] == ["builtin:mnist", "builtin:emoji-google"]
+    assert [e.hflip for e in entries][:2] == [0.0, 0.5]
     with pytest.raises(ConfigError, match="no such file or suite; use 'offline'"):
         read_sequence(tmp_path / "missing.json")
+
+
+def _sequence_file(path: Path, data: dict[str, Path]) -> Path:
+    tasks = [{"name": "t1", "data": f"imagefolder:{data['a']}"}, {"name": "t2", "data": f"imagefolder:{data['b']}"},
+             {"name": "t3", "data": f"imagefolder:{data['a']}", "hflip": 0}]
+    path.write_text(json.dumps({"name": "three", "tasks": tasks}))
+    return path
+
+
+def test_sequence_killed_in_task_two_resumes_to_the_same_matrix(model_dir, data, tmp_path):
+    """SIGKILL during task 2 of 3, then --resume: the accuracy matrix equals an uninterrupted run's, bit for bit."""
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(LAUNCHER)
+    sequence = _sequence_file(tmp_path / "seq.json", data)
+    other = tmp_path / "straight"
+    shutil.copytree(model_dir, other)
+    args = ["--sequence", sequence, "--seeds", "3", "--epochs", "4", "--batch-size", "8", "--lr", "0.02",
+            "--no-progress"]
+    child = subprocess.Popen([sys.executable, launcher, "train", model_dir, *args, "--out", tmp_path / "killed"],
+                             env=_child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state = model_dir / "checkpoints" / "sequence-three" / "seed3"
+    inside_task_two = state / "epochs" / "t2" / "checkpoint.json"
+    deadline = time.time() + 120
+    while not inside_task_two.exists() and child.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert child.returncode == -signal.SIGKILL, child.stderr.read().decode()
+    progress = json.loads((state / "progress.json").read_text())
+    assert [r["name"] for r in progress["records"]] == ["t1"]  # killed after task 1, inside task 2
+    killed_epochs = json.loads(inside_task_two.read_text())["history"]
+    assert 1 <= len(killed_epochs) < 4
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the child: the same reductions, bit for bit
+    try:
+        assert cli(["train", model_dir, *args, "--out", tmp_path / "killed", "--resume"]) == 0
+        assert cli(["train", other, *args, "--out", tmp_path / "straight-results"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    resumed = json.loads((tmp_path / "killed" / "three-recast-seed3.json").read_text())
+    straight = json.loads((tmp_path / "straight-results" / "three-recast-seed3.json").read_text())
+    assert resumed["accuracy_matrix"] == straight["accuracy_matrix"]
+    assert [t["test_accuracy"] for t in resumed["tasks"]] == [t["test_accuracy"] for t in straight["tasks"]]
+    for task in ("t1", "t2", "t3"):
+        a, b = _coefficients(model_dir, task), _coefficients(other, task)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # resumed, not restarted: task 1 kept from before the kill, task 2's first epochs from its checkpoint
+    assert resumed["tasks"][0]["train_seconds"] == progress["records"][0]["train_seconds"]
+    history = json.loads((model_dir / "tasks" / "t2.json").read_text())["history"]
+    assert history[: len(killed_epochs)] == killed_epochs and len(history) == 4
+    assert not (model_dir / "checkpoints" / "sequence-three" / "seed3").exists()
+
+
+def test_sequence_records_the_method_of_the_directory(data, tmp_path):
+    directory = tmp_path / "linear"
+    build_method("linear", tiny_base()).save_pretrained(directory)
+    sequence = tmp_path / "seq.json"
+    sequence.write_text(json.dumps([{"name": "a", "data": f"imagefolder:{data['a']}"}]))
+    assert cli(["train", directory, "--sequence", sequence, "--seeds", "1", "--epochs", "1", "--batch-size", "16",
+                "--no-progress", "--out", tmp_path / "out"]) == 0
+    assert json.loads((directory / "tasks" / "a.json").read_text())["method"] == "linear"
+    run = json.loads((tmp_path / "out" / "seq-linear-seed1.json").read_text())
+    assert run["method"] == "linear" and run["model_method"] == "linear" and run["tasks"][0]["params"]["coefficients"] == 0
+
+
+def test_image_size_is_used_and_recorded_by_train_eval_and_tasks(model_dir, data, capsys):
+    spec = f"imagefolder:{data['a']}"
+    assert cli(["train", model_dir, "--task", "a", "--data", spec, *FAST, "--image-size", "32", "--augment", "none",
+                "--json"]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    record = json.loads((model_dir / "tasks" / "a.json").read_text())
+    assert record["train_config"]["image_size"] == 32 and record["train_config"]["augment"] == "none"
+    assert cli(["eval", model_dir, "--task", "a", "--data", spec, "--json"]) == 0  # the recorded size by default
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["image_size"] == 32 and evaluated["accuracy"] == trained["metrics"]["test_accuracy"]
+    assert cli(["eval", model_dir, "--task", "a", "--data", spec, "--image-size", "16", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["image_size"] == 16
+    assert cli(["tasks", model_dir, "--json"]) == 0
+    assert {r["task"]: r["image_size"] for r in json.loads(capsys.readouterr().out)["tasks"]}["a"] == 32
+    assert cli(["train", model_dir, "--task", "b", "--data", spec, *FAST, "--image-size", "20"]) == 2
+    assert "multiple of 8" in capsys.readouterr().err

@@ -6,6 +6,12 @@ import argparse
 import json
 from pathlib import Path
 
+from recast import bench
+from recast.bench.perf import PerfSetup, run_perf
+from recast.bench.report import write_report
+from recast.bench.tuning import DEFAULT_GRID, parse_grid
+from recast.train import AUGMENTS
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``bench`` subcommand."""
@@ -27,6 +33,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the plan and which data roots are missing")
     parser.add_argument("--report-only", action="store_true", help="only rebuild RESULTS.md and plots from --out/runs")
     parser.add_argument("--restart", action="store_true", help="rerun runs whose result file already exists")
+    parser.add_argument("--image-size", type=int, metavar="N",
+                        help="input side length for every backbone (default: each backbone's own; with --perf: 224); "
+                        "recorded in every run file")
+    parser.add_argument("--augment", choices=AUGMENTS,
+                        help="training augmentation: default, reference (the reference release's preset) or none")
+    parser.add_argument("--tune", action="store_true",
+                        help="choose each method's learning rates from a small grid by validation accuracy on the first "
+                        "seed (RECAST: coefficients x head; LoRA and adapters: adapter x head; linear: head; full: "
+                        "backbone x head), then run every seed with them; grid, scores and choice go into the run files")
+    parser.add_argument("--tune-grid", action="append", default=[], metavar="KIND=LR,LR",
+                        help="replace the grid of one kind, repeatable: head, coefficients, adapter, backbone (defaults: "
+                        + "; ".join(f"{k} {','.join(f'{v:g}' for v in vs)}" for k, vs in DEFAULT_GRID.items()) + ")")
     parser.add_argument("--perf", action="store_true", help="measure the speed and memory ratios instead (see --json)")
     parser.add_argument("--json", action="store_true", help="with --perf: print one JSON object of ratios")
     parser.set_defaults(func=run)
@@ -34,19 +52,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch to the perf figures, the report, the dry run or the suite."""
-    from recast import bench
-    from recast.report import write_report
-
     if args.perf:
-        from recast.perf_bench import run_perf
-
-        figures = run_perf(progress=not args.json)
+        setup = PerfSetup(kwargs={"img_size": args.image_size}) if args.image_size else PerfSetup()
+        figures = run_perf(setup, progress=not args.json)
         print(json.dumps(figures, indent=2) if args.json else _format_perf(figures))
         return 0
     if args.report_only:
         print(f"wrote {write_report(args.out)}")
         return 0
     suite = bench.offline_suite(args.quick) if args.suite == "offline" else bench.paper_suite(args.data_root)
+    suite = bench.with_training(suite, image_size=args.image_size, augment=args.augment)
     runs = bench.plan(suite, args.methods, args.seeds, args.backbones)
     print(bench.describe(suite, runs))
     if args.dry_run:
@@ -54,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     if bench.missing_data(suite):
         print("recast: error: some data roots are missing (see above); fix --data-root or download them first")
         return 2
-    report = bench.run_suite(suite, runs, args.out, progress=True, resume=not args.restart)
+    report = bench.run_suite(suite, runs, args.out, progress=True, resume=not args.restart, tune_lrs=args.tune,
+                             grid=parse_grid(args.tune_grid))
     print(f"wrote {report} and the plots beside it")
     return 0
 

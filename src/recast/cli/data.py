@@ -7,6 +7,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from recast.backbones import list_backbones
+from recast.data import list_builtin
+from recast.data.builtin import ensure_built, registry
+from recast.pretrain import PretrainConfig, pretrain
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the data, models and pretrain subcommands."""
@@ -49,8 +54,6 @@ def _register_models(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _register_pretrain(subparsers: argparse._SubParsersAction) -> None:
-    from recast.pretrain import PretrainConfig
-
     defaults = PretrainConfig(backbone="")
     parser = subparsers.add_parser(
         "pretrain", help="pretrain a shipped backbone from scratch on offline data",
@@ -83,8 +86,6 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def _data_list(args: argparse.Namespace) -> int:
-    from recast.data import list_builtin
-
     rows = list_builtin()
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -97,8 +98,6 @@ def _data_list(args: argparse.Namespace) -> int:
 
 
 def _data_build(args: argparse.Namespace) -> int:
-    from recast.data.builtin import ensure_built, registry
-
     for name in args.names or list(registry()):
         meta = ensure_built(name, rebuild=args.rebuild)
         print(f"{name}: {len(meta['classes'])} classes, {meta['images']['train']} train / "
@@ -107,8 +106,6 @@ def _data_build(args: argparse.Namespace) -> int:
 
 
 def _models_list(args: argparse.Namespace) -> int:
-    from recast.backbones import list_backbones
-
     rows = list_backbones()
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -120,8 +117,6 @@ def _models_list(args: argparse.Namespace) -> int:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from recast.pretrain import PretrainConfig, pretrain
-
     config = PretrainConfig(backbone=args.backbone, data=args.data, epochs=args.epochs, batch_size=args.batch_size,
                             lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, threads=args.threads,
                             device=args.device, workers=args.workers)

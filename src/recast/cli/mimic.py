@@ -4,7 +4,7 @@ Parses and prints only: load the backbone, ``RecastModel.from_base`` with the me
 ``refine_with_data`` on images, then write ``DIR`` (``save_pretrained``) and ``DIR/fidelity.json``
 (:func:`recast.mimicry.fidelity_record`). ``--curve`` measures fidelity and size for
 n = 1 .. layers per group + 1 instead; ``--bench`` runs the method comparison on real pretrained
-matrices (:mod:`recast.mimicry_bench`).
+matrices (:mod:`recast.bench.mimicry`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from recast.backbones import load_backbone
+from recast.bench.mimicry import run_bench
 from recast.cli.options import parse_options
 from recast.config import PRESET_TARGETS, RecastConfig
 from recast.errors import ConfigError
@@ -33,7 +34,6 @@ from recast.mimicry import (
     write_fidelity,
 )
 from recast.mimicry.images import load_images
-from recast.mimicry_bench import run_bench
 from recast.model import RecastModel
 
 

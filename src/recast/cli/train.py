@@ -1,7 +1,8 @@
 """``recast train``, ``recast eval``, ``recast tasks`` and ``recast predict``.
 
-Thin wrappers over :mod:`recast.train`: parse the options, open the model directory and the data,
-call the library, print a short report (or JSON), write files from the main process only.
+Parsing and printing only: every step (opening the model directory and the data, training,
+sequences, task records) is a call into :mod:`recast.train`; files are written by the main
+process only.
 """
 
 from __future__ import annotations
@@ -14,8 +15,12 @@ from typing import Any
 
 import torch
 
+from recast import train
 from recast.cli.options import parse_options
-from recast.errors import ConfigError, FileFormatError, TaskError
+from recast.data.images import load_image
+from recast.data.transforms import transforms_for
+from recast.distributed import DistContext, default_device, init_distributed, shutdown
+from recast.errors import ConfigError, FileFormatError
 from recast.train import TrainConfig
 
 DEFAULT_SEEDS = (42, 1998, 3142592)
@@ -64,7 +69,9 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--own-bn", action="store_true", help="keep this task's own BatchNorm statistics")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="validation share carved from train when the data has no validation split (0.1)")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the carved validation/test splits (0)")
-    parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoints/NAME")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run: from DIR/checkpoints/NAME (--task), or from the last finished "
+                        "task and epoch (--sequence), to the same result")
     parser.add_argument("--log-csv", metavar="FILE", help="write the per-epoch history to this CSV file")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: a GPU when there is one)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or per-epoch lines")
@@ -90,8 +97,14 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, help=f"seed of shuffling, augmentation and the new head ({defaults.seed})")
     group.add_argument("--num-workers", type=int, help=f"DataLoader workers ({defaults.num_workers})")
     group.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (fp16: GPU only)")
-    group.add_argument("--no-augment", dest="augment", action="store_const", const=False,
-                       help="train on the evaluation transform (no random crops or flips)")
+    group.add_argument("--augment", choices=train.AUGMENTS,
+                       help="training augmentation: default (random resized crops and flips), reference (the reference "
+                       "release's preset), none (the evaluation transform)")
+    group.add_argument("--no-augment", dest="augment", action="store_const", const="none",
+                       help="the same as --augment none")
+    group.add_argument("--image-size", type=int, metavar="N",
+                       help="input side length: the model and the transforms follow (default: the backbone's own); "
+                       "recorded in every task and result file")
     group.add_argument("--eval-batch-size", type=int, help="batch size for validation and test")
 
 
@@ -108,6 +121,8 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--image-size", type=int, metavar="N",
+                        help="input side length (default: the size the task was trained at, as its record states)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(func=_cmd_eval)
@@ -143,7 +158,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults, then the ``--config`` file, then the flags given on the command line."""
     config = TrainConfig.from_file(args.config) if getattr(args, "config", None) else TrainConfig()
     names = ("epochs", "batch_size", "lr", "weight_decay", "step_size", "gamma", "max_steps", "seed",
-             "num_workers", "precision", "augment", "eval_batch_size")
+             "num_workers", "precision", "augment", "eval_batch_size", "image_size")
     overrides = {name: getattr(args, name, None) for name in names}
     config = config.updated(**overrides)
     if getattr(args, "grad_clip", None) is not None:  # 0 turns clipping off
@@ -151,43 +166,18 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     return config
 
 
-def _load_model(directory: str | Path) -> Any:
-    from recast.format import CONFIG_FILE
-    from recast.methods import load_method
-
-    if not (Path(directory) / CONFIG_FILE).is_file():
-        raise FileFormatError(f"{directory}: not a recast model directory (no {CONFIG_FILE}); "
-                              "create one with `recast train DIR --model SPEC --target T ...` or `recast mimic`")
-    return load_method(directory)
-
-
-def _check_method(model: Any, args: argparse.Namespace) -> None:
-    """An existing directory keeps its method: asking for another one is an error, not a silent switch."""
-    current = getattr(model, "method", "recast")
-    if args.method and args.method != current:
-        raise ConfigError(f"{args.directory} was made for method {current!r}, not {args.method!r}; "
-                          "use another directory for another method")
-
-
-def _require_task(model: Any, name: str) -> None:
-    if name not in model.tasks:
-        raise TaskError(f"no task named {name!r}; existing tasks: {', '.join(sorted(model.tasks)) or 'none'}")
-
-
-def _open(spec: str, model: Any, *, augment: bool, val_fraction: float, seed: int) -> Any:
-    from recast.data import open_data
-    from recast.data.transforms import data_config, transforms_for
-
-    evaluation = transforms_for(model.net, train=False)
-    training = transforms_for(model.net, train=True) if augment else evaluation
-    return open_data(spec, val_fraction=val_fraction, seed=seed, train_transform=training,
-                     eval_transform=evaluation, input_shape=tuple(data_config(model.net)["input_size"]))
+def _parse_seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise ConfigError(f"--seeds must be comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise ConfigError("--seeds lists no seed")
+    return seeds
 
 
 # ---------------------------------------------------------------------------------- train
 def _cmd_train(args: argparse.Namespace) -> int:
-    from recast.distributed import init_distributed, shutdown
-
     config = train_config_from_args(args)
     dist = init_distributed(args.device)
     try:
@@ -205,148 +195,47 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ensure_directory(args: argparse.Namespace, dist: Any) -> None:
+def _ensure_directory(args: argparse.Namespace, dist: DistContext) -> None:
     """Create the model directory from ``--model`` when it does not exist yet (main process only)."""
-    from recast.format import CONFIG_FILE
-
-    if (Path(args.directory) / CONFIG_FILE).is_file():
+    if train.is_model_directory(args.directory):
         return
     if not args.model:
         raise FileFormatError(f"{args.directory}: not a recast model directory; pass --model SPEC --target T to create it")
+    options = parse_options(args.opt)
+    if args.target:
+        options["target"] = args.target
     if dist.is_main:
-        from recast.backbones import load_backbone
-        from recast.methods import build_method
-
-        options = parse_options(args.opt)
-        if args.target:
-            options["target"] = args.target
-        base = load_backbone(args.model, weights=args.weights)
-        build_method(args.method or "recast", base, **options).save_pretrained(args.directory)
+        train.create_directory(args.directory, args.model, method=args.method, options=options, weights=args.weights)
     dist.barrier()
 
 
-def _train_one(args: argparse.Namespace, config: TrainConfig, dist: Any) -> dict[str, Any]:
-    from recast.train import fit_task, prepare_task, remove_checkpoint
-
-    model = _load_model(args.directory)
-    _check_method(model, args)
-    splits = _open(args.data, model, augment=config.augment, val_fraction=args.val_fraction, seed=args.data_seed)
-    prepare_task(model, args.task, splits.classes, own_bn=args.own_bn, seed=config.seed)
+def _train_one(args: argparse.Namespace, config: TrainConfig, dist: DistContext) -> dict[str, Any]:
+    model = train.load_model(args.directory, method=args.method, image_size=config.image_size)
+    entry = train.SequenceEntry(args.task, args.data)
+    task = train.open_task(entry, model.net, config, val_fraction=args.val_fraction, data_seed=args.data_seed)
+    train.prepare_task(model, args.task, task.classes, own_bn=args.own_bn, seed=config.seed)
     checkpoints = Path(args.directory) / "checkpoints" / args.task
-    result = fit_task(model, splits.train, splits.val, splits.test, config, checkpoint_dir=checkpoints,
-                      resume=args.resume, dist=dist, progress=not args.no_progress, log_csv=args.log_csv)
-    meta = {"method": getattr(model, "method", "recast"), "seed": config.seed, "data": args.data, "split_info": splits.split_info,
-            **result.to_meta()}
+    result = train.fit_task(model, task.train, task.val, task.test, config, checkpoint_dir=checkpoints,
+                            resume=args.resume, dist=dist, progress=not args.no_progress, log_csv=args.log_csv)
+    meta = train.task_meta(model, task, result, config.seed)
     record: dict[str, Any] = {"task": args.task, **meta}
     if dist.is_main:
         model.to("cpu")
         record = model.save_task(args.directory, args.task, meta=meta)
-        remove_checkpoint(checkpoints)
+        train.remove_checkpoint(checkpoints)
     return {k: record[k] for k in ("task", "metrics", "params", "bytes", "train_seconds") if k in record}
 
 
-def _train_sequence(args: argparse.Namespace, config: TrainConfig, dist: Any) -> dict[str, Any]:
-    suite, entries = read_sequence(args.sequence)
-    seeds = _parse_seeds(args.seeds)
-    out = Path(args.out) if args.out else Path(args.directory) / "results"
-    return run_sequence(args, suite, entries, seeds, config, out, dist)
-
-
-def read_sequence(path: str | Path) -> tuple[str, list[dict[str, str]]]:
-    """A suite name (``offline``: the built-in tasks of ``recast bench``), or a sequence file:
-    ``{"name": SUITE, "tasks": [{"name": ..., "data": SPEC}, ...]}`` or just the list."""
-    from recast.bench import offline_suite
-    from recast.io import read_json
-
-    if str(path) == "offline":
-        return "offline", [{"name": t.name, "data": t.data} for t in offline_suite().tasks]
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--sequence {path}: no such file or suite; use 'offline' (the built-in tasks) or a JSON "
-                          'file listing the tasks ({"name": "my-suite", "tasks": [{"name": "t1", "data": "imagefolder:..."}, ...]})')
-    data = read_json(path)
-    suite, entries = (data.get("name", path.stem), data.get("tasks")) if isinstance(data, dict) else (path.stem, data)
-    if not isinstance(entries, list) or not entries:
-        raise ConfigError(f"{path}: lists no tasks; expected a list of {{\"name\": ..., \"data\": SPEC}}")
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not isinstance(entry.get("data"), str):
-            raise ConfigError(f"{path}: task {i} needs a string 'name' and a string 'data' spec, got {entry!r}")
-    names = [e["name"] for e in entries]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"{path}: task names repeat: {names}")
-    return str(suite), entries
-
-
-def run_sequence(
-    args: argparse.Namespace, suite: str, entries: list[dict[str, str]], seeds: list[int], config: TrainConfig,
-    out: Path, dist: Any,
-) -> dict[str, Any]:
-    """Learn the sequence once per seed; write one result JSON per seed and a summary (main process only).
-
-    The task files of the first seed are saved into the model directory.
-    """
-    from recast.io import atomic_write_json
-    from recast.metrics import mean_std
-    from recast.train import SequenceTask, learn_sequence, versions
-
-    model = _load_model(args.directory)
-    _check_method(model, args)
-    method = getattr(model, "method", "recast")
-    tasks = []
-    for entry in entries:
-        splits = _open(entry["data"], model, augment=config.augment, val_fraction=args.val_fraction,
-                       seed=args.data_seed)
-        tasks.append(SequenceTask(entry["name"], entry["data"], splits.train, splits.val, splits.test,
-                                  splits.classes, splits.split_info))
-    runs, files = [], []
-    for index, seed in enumerate(seeds):
-        model = model if index == 0 else _load_model(args.directory)
-        on_task = _task_saver(args.directory, seed, save=index == 0 and dist.is_main)
-        run = learn_sequence(model, tasks, config.updated(seed=seed), dist=dist, own_bn=args.own_bn,
-                             progress=not args.no_progress, on_task=on_task)
-        backbone = (model.recipe or {}).get("name") if model.recipe else None
-        run = {"method": method, "backbone": args.model or backbone, "suite": suite, "seed": seed,
-               "method_options": getattr(model, "method_options", {}),
-               "recast_config": model.config.to_dict() if hasattr(model, "config") else None,
-               "train_config": config.updated(seed=seed).to_dict(),
-               "versions": versions(), **run}
-        runs.append(run)
-        if dist.is_main:
-            path = out / f"{suite}-{method}-seed{seed}.json"
-            atomic_write_json(path, run)
-            files.append(str(path))
-    summary = {key: mean_std([r[key] for r in runs]) for key in ("average_accuracy", "forgetting", "bwt")}
-    summary["tasks"] = {t.name: mean_std([r["tasks"][i]["test_accuracy"] for r in runs]) for i, t in enumerate(tasks)}
-    result = {"method": method, "suite": suite, "seeds": seeds, "summary": summary, "versions": versions()}
-    if dist.is_main:
-        path = out / f"{suite}-{method}-summary.json"
-        atomic_write_json(path, result)
-        files.append(str(path))
-    return {**result, "files": files}
-
-
-def _task_saver(directory: str, seed: int, *, save: bool) -> Any:
-    """``on_task`` for :func:`learn_sequence`: saves the task (first seed) or measures its size in a temp folder."""
-    import tempfile
-
-    def on_task(model: Any, task: Any, result: Any) -> int:
-        meta = {"method": "recast", "seed": seed, "data": task.data, "split_info": task.split_info, **result.to_meta()}
-        if save:
-            return int(model.save_task(directory, task.name, meta=meta)["bytes"])
-        with tempfile.TemporaryDirectory() as scratch:
-            return int(model.save_task(scratch, task.name)["bytes"])
-
-    return on_task
-
-
-def _parse_seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise ConfigError(f"--seeds must be comma-separated integers, got {text!r}") from None
-    if not seeds:
-        raise ConfigError("--seeds lists no seed")
-    return seeds
+def _train_sequence(args: argparse.Namespace, config: TrainConfig, dist: DistContext) -> dict[str, Any]:
+    suite, entries = train.read_sequence(args.sequence)
+    directory = Path(args.directory)
+    run = train.SequenceRun(
+        directory=directory, suite=suite, entries=tuple(entries), seeds=_parse_seeds(args.seeds),
+        out=Path(args.out) if args.out else directory / "results", backbone=args.model, method=args.method,
+        own_bn=args.own_bn, val_fraction=args.val_fraction, data_seed=args.data_seed, progress=not args.no_progress,
+        resume=args.resume,
+    )
+    return train.run_sequence(run, config, dist)
 
 
 def _print_result(result: dict[str, Any], as_json: bool) -> None:
@@ -368,55 +257,39 @@ def _print_result(result: dict[str, Any], as_json: bool) -> None:
 
 
 # ----------------------------------------------------------------------------------- eval
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from recast.distributed import default_device
-    from recast.train import check_classes, evaluate
+def _load_for_task(directory: str, task: str, image_size: int | None) -> Any:
+    """The model of ``directory`` with ``task`` active, at ``image_size`` or the size the task was trained at."""
+    model = train.load_model(directory)
+    train.require_task(model, task)
+    train.set_image_size(model.net, image_size or train.recorded_image_size(model, task))
+    model.set_task(task)
+    return model
 
-    model = _load_model(args.directory)
-    _require_task(model, args.task)
-    model.set_task(args.task)
-    splits = _open(args.data, model, augment=False, val_fraction=args.val_fraction, seed=args.data_seed)
-    check_classes(model, args.task, splits.classes)
-    dataset = getattr(splits, args.split)
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    model = _load_for_task(args.directory, args.task, args.image_size)
+    config = TrainConfig(augment="none", image_size=train.image_size_of(model.net))
+    task = train.open_task(train.SequenceEntry(args.task, args.data), model.net, config,
+                           val_fraction=args.val_fraction, data_seed=args.data_seed)
+    train.check_classes(model, args.task, task.classes)
+    dataset = getattr(task, args.split)
     device = args.device or default_device()
     model.to(device)
-    accuracy = evaluate(model, dataset, batch_size=args.batch_size, device=device)
-    result = {"task": args.task, "split": args.split, "accuracy": accuracy, "samples": len(dataset), "data": args.data}
+    accuracy = train.evaluate(model, dataset, batch_size=args.batch_size, device=device)
+    result = {"task": args.task, "split": args.split, "accuracy": accuracy, "samples": len(dataset), "data": args.data,
+              "image_size": config.image_size}
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
-        print(f"task {args.task}: {args.split} accuracy {accuracy:.4f} on {len(dataset)} images")
+        print(f"task {args.task}: {args.split} accuracy {accuracy:.4f} on {len(dataset)} images "
+              f"({config.image_size} px)")
     return 0
 
 
 # ---------------------------------------------------------------------------------- tasks
-def task_records(directory: str | Path) -> list[dict[str, Any]]:
-    """The task records of a model directory, read from ``tasks/*.json`` without loading any weights."""
-    from recast.format import CONFIG_FILE, TASKS_DIR
-    from recast.io import read_json
-
-    directory = Path(directory)
-    if not (directory / CONFIG_FILE).is_file():
-        raise FileFormatError(f"{directory}: not a recast model directory (no {CONFIG_FILE})")
-    rows = []
-    for path in sorted((directory / TASKS_DIR).glob("*.json")):
-        record = read_json(path)
-        metrics = record.get("metrics") or {}
-        rows.append({
-            "task": record.get("task", path.stem), "num_classes": record.get("num_classes"),
-            "params": record.get("params", {}), "bytes": record.get("bytes"),
-            "test_accuracy": metrics.get("test_accuracy"), "val_accuracy": metrics.get("val_accuracy"),
-            "method": record.get("method"), "seed": record.get("seed"),
-        })
-    return rows
-
-
 def _cmd_tasks(args: argparse.Namespace) -> int:
-    from recast.format import BACKBONE_FILE
-
-    rows = task_records(args.directory)
-    backbone = Path(args.directory) / BACKBONE_FILE
-    backbone_bytes = backbone.stat().st_size if backbone.is_file() else None
+    rows = train.task_records(args.directory)
+    backbone_bytes = train.backbone_bytes(args.directory)
     if args.json:
         print(json.dumps({"backbone_bytes": backbone_bytes, "tasks": rows}, indent=2, sort_keys=True))
         return 0
@@ -435,14 +308,9 @@ def _fmt(value: float | None) -> str:
 
 # -------------------------------------------------------------------------------- predict
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from recast.data.images import load_image
-    from recast.data.transforms import transforms_for
-
     if args.top_k < 1:
         raise ConfigError(f"--top-k must be at least 1, got {args.top_k}")
-    model = _load_model(args.directory)
-    _require_task(model, args.task)
-    model.set_task(args.task)
+    model = _load_for_task(args.directory, args.task, None)
     model.eval()
     transform = transforms_for(model.net, train=False)
     images = torch.stack([transform(load_image(Path(p))) for p in args.images])

@@ -1,32 +1,29 @@
-"""The comparison harness: suites of tasks, one run per (method, backbone, seed), result files.
+"""The comparisons the harness runs: suites of tasks and backbones, and the plan of runs.
 
-A run learns a suite's tasks in order with one method on one backbone and writes
-``runs/<method>__<backbone>__<seed>.json`` (DESIGN.md's result fields plus the accuracy matrix);
-``recast.report`` then makes ``RESULTS.md`` and the plots from those files alone.
+A suite names its tasks in order, its backbones with the methods run on each, and the training
+settings (any :class:`~recast.train.TrainConfig` field, ``image_size`` and ``augment`` included);
+:func:`plan` lists its runs, one per (method, backbone, seed).
 """
 
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
+from recast.backbones import load_backbone
 from recast.errors import ConfigError
-from recast.io import atomic_write_json
+from recast.train import SequenceTask, TrainConfig, open_task, set_image_size
+from recast.train.sequence import SequenceEntry, offline_entries
 
 PAPER_SEEDS = (42, 1998, 3142592)
 
 
-@dataclass(frozen=True)
-class BenchTask:
-    """One task of a suite: a name and a data spec (``builtin:mnist``, ``torchvision:Flowers102:ROOT``)."""
-
-    name: str
-    data: str
-    hflip: float = 0.5  # 0 where mirroring changes the class (digits, characters)
+BenchTask = SequenceEntry  # one task of a suite: a name, a data spec, a flip probability
 
 
 @dataclass(frozen=True)
@@ -41,8 +38,6 @@ class BenchBackbone:
 
     def load(self) -> Any:
         """The pretrained base model."""
-        from recast.backbones import load_backbone
-
         return self.loader() if self.loader is not None else load_backbone(self.spec)
 
 
@@ -69,14 +64,7 @@ def offline_suite(quick: bool = False) -> Suite:
 
     ``quick`` keeps the task list but trains for a few hundred steps on a subsample, one seed.
     """
-    tasks = (
-        BenchTask("mnist", "builtin:mnist", hflip=0.0),
-        BenchTask("emoji-google", "builtin:emoji-google"),
-        BenchTask("chars", "builtin:chars", hflip=0.0),
-        BenchTask("optdigits", "builtin:optdigits", hflip=0.0),
-        BenchTask("emoji-twitter", "builtin:emoji-twitter"),
-        BenchTask("faces", "builtin:faces"),
-    )
+    tasks = tuple(offline_entries())
     vit_options = _vit_methods("att,mlp,att+mlp")
     if quick:  # the comparisons the issue asks about, within about 15 minutes on 2 CPU cores
         vit_methods: tuple[str, ...] = ("recast:att", "recast:att+mlp", "linear", "lora", "melo", "recast+melo",
@@ -187,73 +175,23 @@ def describe(suite: Suite, runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
-def _open_tasks(suite: Suite, base: Any, seed: int) -> list[Any]:
-    """Open every task's splits with the backbone's own transforms (split seeded with ``seed``)."""
-    from recast.data import open_data
-    from recast.data.transforms import data_config, transforms_for
-    from recast.train import SequenceTask
-
-    opened = []
-    shape = tuple(data_config(base)["input_size"])
-    for task in suite.tasks:
-        splits = open_data(task.data, seed=seed, train_transform=transforms_for(base, True, hflip=task.hflip),
-                           eval_transform=transforms_for(base, False), input_shape=shape)
-        train = _subsample(splits.train, suite.max_train_images, seed)
-        opened.append(SequenceTask(task.name, task.data, train, splits.val, splits.test, list(splits.classes),
-                                   {**splits.split_info, "train_used": len(train)}))
-    return opened
+def with_training(suite: Suite, **overrides: Any) -> Suite:
+    """``suite`` with training options replaced (``None`` values leave an option as it is)."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return replace(suite, train={**suite.train, **given}) if given else suite
 
 
-def _subsample(dataset: Any, limit: int | None, seed: int) -> Any:
-    """A seeded random subset of at most ``limit`` items (the whole dataset when ``limit`` is None)."""
-    import torch
-    from torch.utils.data import Subset
-
-    if limit is None or len(dataset) <= limit:
-        return dataset
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit]
-    return Subset(dataset, order.tolist())
+def run_config(suite: Suite, run: Run, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The training options of one run: the suite's, then ``overrides``, with the run's seed."""
+    return TrainConfig.from_dict({**suite.train, **(overrides or {}), "seed": run.seed})
 
 
-def run_one(suite: Suite, run: Run, out: Path, progress: bool = False,
-            log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Learn the suite's tasks with one method on one backbone; write and return the run record."""
-    from recast.methods import build_method
-    from recast.train import TrainConfig, learn_sequence, versions
-
-    base = run.backbone.load()
-    options = dict(run.backbone.options.get(run.method, {}))
-    model = build_method(method_name(run.method), base, **options)
-    tasks = _open_tasks(suite, base, run.seed)
-    config = TrainConfig.from_dict({**suite.train, "seed": run.seed})
-    model_dir = out / "models" / run.file_name.removesuffix(".json")
-
-    def save(model: Any, task: Any, result: Any) -> int:
-        record = model.save_task(model_dir, task.name, {"seed": run.seed, "method": run.method, **result.to_meta()})
-        log(f"  {run.method} / {run.backbone.key} / {task.name}: test {result.test_accuracy:.3f} "
-            f"(val {result.val_accuracy:.3f}), {record['bytes']} bytes")
-        return int(record["bytes"])
-
-    model.save_pretrained(model_dir)  # the backbone once; each task file is added as it is learned
-    start = time.perf_counter()
-    outcome = learn_sequence(model, tasks, config, progress=progress, on_task=save)
-    record = {"method": run.method, "backbone": run.backbone.key, "backbone_spec": run.backbone.spec,
-              "suite": suite.name, "seed": run.seed, "method_options": options, "train_config": config.to_dict(),
-              "seconds": time.perf_counter() - start, "versions": versions(), **outcome}
-    atomic_write_json(out / "runs" / run.file_name, record)
-    return record
+def load_base(run: Run, config: TrainConfig) -> nn.Module:
+    """The run's pretrained backbone at the run's input size."""
+    return set_image_size(run.backbone.load(), config.image_size)
 
 
-def run_suite(suite: Suite, runs: list[Run], out: str | Path, progress: bool = False, resume: bool = True,
-              log: Callable[[str], None] = print) -> Path:
-    """Every run (skipping those whose result file exists when ``resume``), then the report."""
-    from recast.report import write_report
-
-    out = Path(out)
-    for index, run in enumerate(runs, 1):
-        if resume and (out / "runs" / run.file_name).exists():
-            log(f"[{index}/{len(runs)}] {run.file_name}: already done, kept")
-            continue
-        log(f"[{index}/{len(runs)}] {run.method} on {run.backbone.key}, seed {run.seed}")
-        run_one(suite, run, out, progress=progress, log=log)
-    return write_report(out)
+def open_tasks(suite: Suite, base: nn.Module, seed: int, config: TrainConfig) -> list[SequenceTask]:
+    """Every task's splits with the backbone's own transforms (splits and subsample seeded with ``seed``)."""
+    return [open_task(task, base, config, data_seed=seed, max_train_images=suite.max_train_images)
+            for task in suite.tasks]

@@ -84,6 +84,40 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def settings_text(runs: list[dict[str, Any]]) -> str:
+    """One line per backbone: input size, augmentation and epochs, as the run files state them."""
+    seen: dict[str, set[str]] = defaultdict(set)
+    for run in runs:
+        config = run.get("train_config") or {}
+        size = run.get("image_size", config.get("image_size"))
+        seen[run["backbone"]].add(f"{f'{size} px' if size else 'its own input size'}, augmentation "
+                                  f"{run.get('augment', config.get('augment', 'default'))}, {config.get('epochs', '?')} epochs")
+    lines = [f"- {backbone}: {'; '.join(sorted(settings))}" for backbone, settings in sorted(seen.items())]
+    return "Training settings by backbone:\n\n" + "\n".join(lines) + "\n"
+
+
+def tuning_table(runs: list[dict[str, Any]]) -> str:
+    """The learning rates chosen by ``--tune``: grid, choice and its validation accuracy (empty when untuned)."""
+    tuned = {(r["method"], r["backbone"]): r["tuning"] for r in runs if isinstance(r.get("tuning"), dict)}
+    if not tuned:
+        return ""
+    lines = ["\nLearning rates chosen by validation accuracy on the first seed (`recast bench --tune`); the test "
+             "splits were read only by the final runs.\n",
+             "| method | backbone | grid | chosen | validation accuracy (chosen / worst) | points |",
+             "|---|---|---|---|---:|---:|"]
+    for (method, backbone), tuning in sorted(tuned.items()):
+        grid = defaultdict(set)
+        for point in tuning["grid"]:
+            for kind, lr in point.items():
+                grid[kind].add(lr)
+        shown = "; ".join(f"{kind} {', '.join(f'{v:g}' for v in sorted(values))}" for kind, values in grid.items())
+        chosen = ", ".join(f"{kind} {lr:g}" for kind, lr in tuning["chosen"].items())
+        scores = [s["val_accuracy"] for s in tuning["scores"]]
+        lines.append(f"| {method} | {backbone} | {shown} | {chosen} | {max(scores):.3f} / {min(scores):.3f} | "
+                     f"{len(scores)} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(results_dir: str | Path) -> Path:
     """Write ``RESULTS.md`` and the plots from the run files; returns the Markdown path."""
     results_dir = Path(results_dir)
@@ -94,6 +128,7 @@ def write_report(results_dir: str | Path) -> Path:
     plots = [plot_accuracy_vs_bytes(rows, results_dir / "accuracy_vs_bytes.png")]
     plots += [plot_accuracy_matrix(run, results_dir) for run in runs if run.get("accuracy_matrix")]
     text = "# Results\n\nMade by `recast bench` from the files in `runs/`.\n\n" + markdown_table(rows)
+    text += "\n" + settings_text(runs) + tuning_table(runs)
     text += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots if p is not None) + "\n"
     path = results_dir / "RESULTS.md"
     atomic_write_bytes(path, text.encode("utf-8"))
@@ -102,7 +137,7 @@ def write_report(results_dir: str | Path) -> Path:
 
 def plot_accuracy_vs_bytes(rows: list[dict[str, Any]], path: Path) -> Path:
     """Average accuracy against bytes per task (log axis), one point per method and backbone."""
-    import matplotlib
+    import matplotlib  # deferred: heavy, and only the plots need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -124,7 +159,7 @@ def plot_accuracy_vs_bytes(rows: list[dict[str, Any]], path: Path) -> Path:
 
 def plot_accuracy_matrix(run: dict[str, Any], results_dir: Path) -> Path:
     """Heat map of accuracy on task j (column) after learning task i (row) for one run."""
-    import matplotlib
+    import matplotlib  # deferred: heavy, and only the plots need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

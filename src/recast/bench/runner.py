@@ -1,0 +1,80 @@
+"""Running a suite: one run per (method, backbone, seed), one result file per run, then the report.
+
+A run learns the suite's tasks in order with one method on one backbone and writes
+``runs/<method>__<backbone>__<seed>.json``: the record of :func:`recast.train.run_record` (the
+same one ``recast train --sequence`` writes); :mod:`recast.bench.report` then makes
+``RESULTS.md`` and the plots from those files alone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from recast.bench.report import write_report
+from recast.bench.suites import Run, Suite, load_base, method_name, open_tasks, run_config
+from recast.bench.tuning import tune
+from recast.io import atomic_write_json
+from recast.methods import build_method
+from recast.train import SequenceTask, learn_sequence, run_record, task_meta
+
+
+def run_one(
+    suite: Suite, run: Run, out: Path, progress: bool = False, log: Callable[[str], None] = print,
+    *, options: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Learn the suite's tasks with one method on one backbone; write and return the run record.
+
+    ``options`` are added to the method's options of the suite (e.g. learning rates), ``overrides``
+    to its training options; ``extra`` fields go into the record (e.g. the tuning that chose them).
+    """
+    config = run_config(suite, run, overrides)
+    base = load_base(run, config)
+    model = build_method(method_name(run.method), base, **{**run.backbone.options.get(run.method, {}), **(options or {})})
+    tasks = open_tasks(suite, base, run.seed, config)
+    model_dir = out / "models" / run.file_name.removesuffix(".json")
+
+    def save(model: Any, task: SequenceTask, result: Any) -> int:
+        record = model.save_task(model_dir, task.name, task_meta(model, task, result, run.seed))
+        log(f"  {run.method} / {run.backbone.key} / {task.name}: test {result.test_accuracy:.3f} "
+            f"(val {result.val_accuracy:.3f}), {record['bytes']} bytes")
+        return int(record["bytes"])
+
+    model.save_pretrained(model_dir)  # the backbone once; each task file is added as it is learned
+    start = time.perf_counter()
+    outcome = learn_sequence(model, tasks, config, progress=progress, on_task=save)
+    record = run_record(model, outcome, method=run.method, backbone=run.backbone.key, suite=suite.name, config=config,
+                        seconds=time.perf_counter() - start, backbone_spec=run.backbone.spec, **(extra or {}))
+    atomic_write_json(out / "runs" / run.file_name, record)
+    return record
+
+
+def run_suite(
+    suite: Suite, runs: list[Run], out: str | Path, progress: bool = False, resume: bool = True,
+    log: Callable[[str], None] = print, *, tune_lrs: bool = False, grid: Mapping[str, Sequence[float]] | None = None,
+) -> Path:
+    """Every run (skipping those whose result file exists when ``resume``), then the report.
+
+    With ``tune_lrs`` each (method, backbone) first has its learning rates chosen from ``grid``
+    by validation accuracy on its first seed (:mod:`recast.bench.tuning`); its runs then use them.
+    """
+    out = Path(out)
+    chosen: dict[tuple[str, str], dict[str, Any]] = {}
+    for index, run in enumerate(runs, 1):
+        if resume and (out / "runs" / run.file_name).exists():
+            log(f"[{index}/{len(runs)}] {run.file_name}: already done, kept")
+            continue
+        key = (run.method, run.backbone.key)
+        if tune_lrs and key not in chosen:
+            first = next(r for r in runs if (r.method, r.backbone.key) == key)
+            log(f"tuning {run.method} on {run.backbone.key}: learning rates by validation accuracy, seed {first.seed}")
+            chosen[key] = tune(suite, first, out, grid=grid, resume=resume, log=log)
+        tuning = chosen.get(key)
+        log(f"[{index}/{len(runs)}] {run.method} on {run.backbone.key}, seed {run.seed}"
+            + (f", learning rates {tuning['chosen']}" if tuning else ""))
+        run_one(suite, run, out, progress=progress, log=log, options=tuning["options"] if tuning else None,
+                extra={"tuning": tuning} if tuning else None)
+    return write_report(out)

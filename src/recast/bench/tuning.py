@@ -1,0 +1,127 @@
+"""Fair comparisons: each method's learning rates chosen from a small grid by validation accuracy.
+
+For every (method, backbone) of a suite, each point of the method's grid learns the suite's tasks
+on the first seed with the test splits never opened for reading (``fit_task`` without a test
+set); the point with the best mean validation accuracy over the tasks is chosen, and every seed
+then runs with it. The grid, every point's validation scores and the choice are written to
+``tuning/<method>__<backbone>.json`` and into each run file, so the report can show them.
+
+Learning rates are per kind of trained state: ``head``, ``coefficients`` (RECAST), ``adapter``
+(LoRA, VeRA and the adapters) and ``backbone`` (full fine-tuning).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from recast.bench.suites import Run, Suite, load_base, method_name, open_tasks, run_config
+from recast.errors import ConfigError
+from recast.io import atomic_write_json, read_json
+from recast.methods import build_method
+from recast.train import fit_task, prepare_task
+
+DEFAULT_GRID: dict[str, tuple[float, ...]] = {
+    "head": (3e-3, 1e-2, 3e-2),
+    "coefficients": (1e-3, 3e-3, 1e-2),
+    "adapter": (1e-3, 3e-3, 1e-2),
+    "backbone": (1e-4, 3e-4, 1e-3),
+}
+OPTION_OF_KIND = {"head": "head_lr", "coefficients": "coef_lr", "adapter": "adapter_lr", "backbone": "adapter_lr"}
+
+
+def tuned_kinds(method: str) -> tuple[str, ...]:
+    """The kinds of state whose learning rates are tuned for ``method`` (a suite entry or registry name)."""
+    name = method_name(method)
+    if name == "linear":
+        return ("head",)
+    if name == "recast":
+        return ("coefficients", "head")
+    if name == "full":
+        return ("backbone", "head")
+    return ("adapter", "head")  # LoRA, VeRA, the adapters alone, and RECAST + an adapter
+
+
+def grid_points(method: str, grid: Mapping[str, Sequence[float]] | None = None) -> list[dict[str, float]]:
+    """Every combination of the method's tuned learning rates, as ``{kind: lr}``.
+
+    With RECAST + an adapter, the coefficients share the adapter's rate.
+    """
+    grid = {**DEFAULT_GRID, **(grid or {})}
+    kinds = tuned_kinds(method)
+    points = [dict(zip(kinds, values, strict=True)) for values in itertools.product(*(grid[k] for k in kinds))]
+    if method_name(method).startswith("recast+"):
+        points = [{**p, "coefficients": p["adapter"]} for p in points]
+    return points
+
+
+def method_options(point: Mapping[str, float]) -> dict[str, float]:
+    """A grid point as ``build_method`` options (``head_lr``, ``coef_lr``, ``adapter_lr``)."""
+    return {OPTION_OF_KIND[kind]: lr for kind, lr in point.items()}
+
+
+def parse_grid(pairs: Sequence[str]) -> dict[str, tuple[float, ...]]:
+    """``["head=1e-3,1e-2", "adapter=3e-3"]`` -> ``{"head": (0.001, 0.01), "adapter": (0.003,)}``."""
+    grid: dict[str, tuple[float, ...]] = {}
+    for pair in pairs:
+        kind, sep, text = pair.partition("=")
+        if not sep or kind not in DEFAULT_GRID:
+            raise ConfigError(f"--tune-grid {pair!r}: write KIND=LR,LR,... with KIND one of {', '.join(DEFAULT_GRID)}")
+        try:
+            values = tuple(float(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise ConfigError(f"--tune-grid {pair!r}: learning rates must be numbers, e.g. head=1e-3,1e-2") from None
+        if not values or any(not v > 0 for v in values):
+            raise ConfigError(f"--tune-grid {pair!r}: give at least one positive learning rate")
+        grid[kind] = values
+    return grid
+
+
+def validation_score(suite: Suite, run: Run, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Learn the suite's tasks with ``options`` on ``run``'s seed; validation accuracies only (no test split)."""
+    config = run_config(suite, run)
+    base = load_base(run, config)
+    model = build_method(method_name(run.method), base, **{**run.backbone.options.get(run.method, {}), **options})
+    per_task = {}
+    for task in open_tasks(suite, base, run.seed, config):
+        prepare_task(model, task.name, task.classes, seed=config.seed)
+        per_task[task.name] = fit_task(model, task.train, task.val, None, config).val_accuracy
+    return {"val_accuracy": sum(per_task.values()) / len(per_task), "per_task": per_task}
+
+
+def tuning_file(out: Path, run: Run) -> Path:
+    """Where the tuning of ``run``'s method and backbone is kept."""
+    return out / "tuning" / (re.sub(r"[^A-Za-z0-9_.+-]", "-", f"{run.method}__{run.backbone.key}") + ".json")
+
+
+def tune(
+    suite: Suite, run: Run, out: Path, *, grid: Mapping[str, Sequence[float]] | None = None, resume: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Choose ``run``'s learning rates by validation accuracy on ``run``'s seed (the first seed).
+
+    Returns the tuning record: ``grid`` (the points tried), ``scores`` (each point's validation
+    accuracies), ``chosen`` (``{kind: lr}``), ``options`` (as method options) and ``seed``. A record
+    already in ``out/tuning/`` for the same grid is reused when ``resume``.
+    """
+    points = grid_points(run.method, grid)
+    path = tuning_file(out, run)
+    if resume and path.is_file():
+        record = read_json(path)
+        if isinstance(record, dict) and record.get("grid") == points and record.get("seed") == run.seed:
+            log(f"  tune {run.method} / {run.backbone.key}: kept {record['chosen']} from {path}")
+            return record
+    scores = []
+    for index, point in enumerate(points, 1):
+        score = validation_score(suite, run, method_options(point))
+        scores.append({"lrs": point, **score})
+        log(f"  tune {run.method} / {run.backbone.key} [{index}/{len(points)}] {point}: "
+            f"validation {score['val_accuracy']:.4f}")
+    best = max(scores, key=lambda s: s["val_accuracy"])  # the first of equal scores: the grid's order decides
+    record = {"method": run.method, "backbone": run.backbone.key, "seed": run.seed, "selected_on": "validation",
+              "grid": points, "scores": scores, "chosen": best["lrs"], "options": method_options(best["lrs"])}
+    atomic_write_json(path, record)
+    return record

@@ -208,3 +208,8 @@ class ModelStore:
 def task_records(directory: str | Path) -> dict[str, Any]:
     """The tasks a model directory holds, name -> record, as its config lists them (for ``recast tasks``)."""
     return ModelStore(directory).task_records()
+
+
+def is_model_directory(directory: str | Path) -> bool:
+    """True when ``directory`` holds a model's config (it may still fail the checks on load)."""
+    return ModelStore(directory).config_path.is_file()

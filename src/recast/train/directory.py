@@ -7,15 +7,10 @@ from typing import Any
 
 from recast.backbones import load_backbone
 from recast.errors import ConfigError, FileFormatError, TaskError
-from recast.format import BACKBONE_FILE, CONFIG_FILE
+from recast.format import BACKBONE_FILE, is_model_directory
 from recast.format import task_records as committed_task_records
 from recast.methods import build_method, load_method
 from recast.train.resolution import set_image_size
-
-
-def is_model_directory(directory: str | Path) -> bool:
-    """True when ``directory`` holds a committed model (its config file)."""
-    return (Path(directory) / CONFIG_FILE).is_file()
 
 
 def create_directory(
@@ -33,7 +28,7 @@ def load_model(directory: str | Path, *, method: str | None = None, image_size: 
     ``method``, when given, must be the directory's: another method is an error, not a silent switch.
     """
     if not is_model_directory(directory):
-        raise FileFormatError(f"{directory}: not a recast model directory (no {CONFIG_FILE}); "
+        raise FileFormatError(f"{directory}: not a recast model directory (it has no model config); "
                               "create one with `recast train DIR --model SPEC --target T ...` or `recast mimic`")
     model = load_method(directory)
     current = getattr(model, "method", "recast")
@@ -61,7 +56,7 @@ def task_records(directory: str | Path) -> list[dict[str, Any]]:
     """The task records of a model directory, as its committed config lists them, without loading any weights."""
     directory = Path(directory)
     if not is_model_directory(directory):
-        raise FileFormatError(f"{directory}: not a recast model directory (no {CONFIG_FILE})")
+        raise FileFormatError(f"{directory}: not a recast model directory (it has no model config)")
     rows = []
     for name, record in committed_task_records(directory).items():
         record = record if isinstance(record, dict) else {}

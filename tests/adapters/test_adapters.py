@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-from helpers import tiny_resnet, tiny_vit
+from helpers import narrow_resnet, tiny_resnet, tiny_vit
 from recast import RecastConfig, RecastModel
 from recast.adapters import adaptformer
 from recast.adapters.piggyback import REFERENCE_LRS, pack_bits, unpack_bits
@@ -191,7 +191,7 @@ def test_adaptformer_reference_options_through_the_method_registry(tmp_path) -> 
 
 
 def test_piggyback_reference_learning_rates(tmp_path) -> None:
-    model = build_method("recast+piggyback", tiny_resnet(), **REFERENCE_LRS)
+    model = build_method("recast+piggyback", narrow_resnet(), **REFERENCE_LRS)
     model.add_task("t", 3)
     model.set_task("t")
     groups = {g["name"]: g for g in model.param_groups(2e-3)}

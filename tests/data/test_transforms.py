@@ -36,11 +36,16 @@ def test_vit_built_for_32px_gets_its_real_size_and_own_statistics(vit32: torch.n
     assert torch.allclose(white, torch.ones_like(white), atol=1e-3)  # (1 - 0.5) / 0.5
 
 
-def test_train_and_eval_pipelines_accept_grey_images(vit32: torch.nn.Module) -> None:
-    grey = Image.new("L", (20, 20), 128)
+def test_every_pipeline_accepts_grey_sixteen_bit_and_transparent_images(vit32: torch.nn.Module) -> None:
+    images = [Image.new("L", (20, 20), 128), Image.new("I;16", (20, 20), 40000), Image.new("LA", (9, 7), (3, 0))]
     torch.manual_seed(0)
-    for train in (True, False):
-        assert transforms_for(vit32, train=train)(grey).shape == (3, 32, 32)
+    for preset in AUGMENT_PRESETS:
+        for train in (True, False):
+            pipeline = transforms_for(vit32, train=train, augment=preset)
+            assert all(pipeline(image).shape == (3, 32, 32) for image in images)
+    evaluation = transforms_for(vit32, train=False)
+    assert torch.allclose(evaluation(images[1]), torch.full((3, 32, 32), (156 / 255 - 0.5) / 0.5), atol=1e-3)
+    assert torch.allclose(evaluation(images[2]), torch.ones(3, 32, 32), atol=1e-3)  # transparent -> white
 
 
 def test_imagenet_statistics_for_a_resnet() -> None:

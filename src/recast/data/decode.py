@@ -56,8 +56,7 @@ def load_image(path: str | Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS)
                 refuse_if_too_large(image, path, max_pixels)
                 image.seek(0)  # the first frame of an animation (a no-op for still images)
                 image.load()
-                upright = ImageOps.exif_transpose(image)
-                return to_rgb(upright if upright is not None else image)
+                return to_rgb(ImageOps.exif_transpose(image))
     except FileFormatError:
         raise
     except Image.DecompressionBombError as exc:

@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torchvision.datasets
 from torch.utils.data import Dataset
 
+from recast.data.builtin import load_builtin
 from recast.data.decode import DEFAULT_MAX_PIXELS, check_max_pixels
 from recast.data.images import (
     IMAGE_SUFFIXES,
@@ -280,8 +282,6 @@ def _torchvision(rest: str) -> _Parts:
     if name not in table or not root:
         raise ConfigError(f"unknown torchvision data spec 'torchvision:{rest}'; use torchvision:NAME:ROOT "
                           f"with NAME one of {', '.join(sorted(table))}")
-    import torchvision.datasets
-
     sources, classes = {}, None
     for role, kwargs in table[name].items():
         dataset = _construct(getattr(torchvision.datasets, name), name, root, kwargs)
@@ -325,8 +325,6 @@ def _classes_of(dataset: Any, labels: np.ndarray) -> list[str]:
 
 def _builtin(name: str) -> _Parts:
     """A built-in dataset from the cache (built on first use); its split is recorded in its metadata."""
-    from recast.data.builtin import load_builtin
-
     arrays, meta = load_builtin(name)
     train = ArrayImages(arrays["train_x"], arrays["train_y"])
     test = ArrayImages(arrays["test_x"], arrays["test_y"])

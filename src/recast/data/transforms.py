@@ -22,6 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from timm.data import resolve_data_config
 from torch import nn
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
@@ -71,8 +72,6 @@ def data_config(model: nn.Module) -> dict[str, Any]:
     A timm ViT built for a fixed image size other than its pretrained config's (``img_size=32``)
     reports its real size, taken from its patch embedding.
     """
-    from timm.data import resolve_data_config  # deferred: timm is slow to import
-
     config = dict(resolve_data_config(model=model))
     patch_embed = getattr(model, "patch_embed", None)
     img_size = getattr(patch_embed, "img_size", None)

@@ -6,10 +6,12 @@ import pytest
 import timm
 import torch
 
-from helpers import tiny_resnet, tiny_vit
+from helpers import narrow_resnet, tiny_resnet, tiny_vit
 from recast import RecastConfig, RecastModel
-from recast.adapters.piggyback import pack_bits, unpack_bits
+from recast.adapters import adaptformer
+from recast.adapters.piggyback import REFERENCE_LRS, pack_bits, unpack_bits
 from recast.errors import ConfigError
+from recast.methods import build_method
 
 VIT_CASES = [("melo", "none"), ("melo", "mlp"), ("adaptformer", "none"), ("adaptformer", "att"), ("piggyback", "none")]
 RESNET_CASES = [("clr", "none"), ("clr", "conv"), ("piggyback", "conv")]
@@ -17,7 +19,7 @@ RESNET_CASES = [("clr", "none"), ("clr", "conv"), ("piggyback", "conv")]
 
 def build(kind: str, target: str) -> tuple[RecastModel, torch.Tensor]:
     """A tiny model with RECAST target ``target`` and adapter ``kind``, and an input batch for it."""
-    vit = (kind, target) in VIT_CASES
+    vit = kind in ("melo", "adaptformer") or (kind, target) in VIT_CASES
     base = tiny_vit(depth=2) if vit else tiny_resnet()
     groups = 1 if target in ("mlp", "att") else None
     model = RecastModel.from_base(base, RecastConfig(target=target, groups=groups))
@@ -38,12 +40,17 @@ def perturb(model: RecastModel, task: str) -> None:
                     p.add_(0.1 * torch.randn_like(p))
 
 
-@pytest.mark.parametrize(("kind", "target"), VIT_CASES + RESNET_CASES)
-def test_identity_start_export_routing_and_reload(kind: str, target: str, tmp_path) -> None:
+PRESET_CASES = [("adaptformer", "none", adaptformer.REFERENCE), ("adaptformer", "att", adaptformer.REFERENCE),
+                ("adaptformer", "mlp", {"input": "pre_norm", "scale": 0.5})]
+
+
+@pytest.mark.parametrize(("kind", "target", "options"),
+                         [(k, t, {}) for k, t in VIT_CASES + RESNET_CASES] + PRESET_CASES)
+def test_identity_start_export_routing_and_reload(kind: str, target: str, options: dict, tmp_path) -> None:
     model, x = build(kind, target)
     with torch.no_grad():
         before = model(x)
-        model.add_adapter(kind)
+        model.add_adapter(kind, **options)
         assert torch.equal(model(x), before), "a fresh adapter must not change the output"
     model.add_task("t", 3)
     perturb(model, "t")
@@ -136,3 +143,61 @@ def test_bad_adapter_options() -> None:
     model.add_adapter("melo")
     with pytest.raises(ConfigError, match="already attached"):
         model.add_adapter("melo")
+
+
+def run_adaptformer(placement: str, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits of a one-block ViT with an active AdaptFormer, and what norm2 and the adapter saw."""
+    model = RecastModel.from_base(tiny_vit(depth=1), RecastConfig(target="none"))
+    block = model.net.blocks[0]
+    seen: dict[str, torch.Tensor] = {}
+    block.norm2.register_forward_hook(lambda module, args, out: seen.update(stream=args[0], normed=out))
+    model.add_adapter("adaptformer", input=placement, scale=2.0)
+    assert isinstance(block.norm2, torch.nn.Identity) == (placement == "pre_norm")
+    assert f"input={placement}" in repr(block.mlp)
+    adapter = block.mlp.per_task["base"]
+    torch.nn.init.normal_(adapter.up.weight)
+    torch.nn.init.constant_(adapter.down.bias, 1.0)  # keep the ReLU open, so the adapter shows in the logits
+    adapter.register_forward_hook(lambda module, args, out: seen.update(adapter=args[0]))
+    with torch.no_grad():
+        return model(x), seen
+
+
+def test_adaptformer_pre_norm_reads_the_residual_stream() -> None:
+    """Pre-norm: the adapter sees the block's input to norm2; post-norm: norm2's output."""
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 16, 16)
+    pre, seen_pre = run_adaptformer("pre_norm", x)
+    post, seen_post = run_adaptformer("post_norm", x)
+    assert torch.equal(seen_pre["adapter"], seen_pre["stream"])
+    assert torch.equal(seen_post["adapter"], seen_post["normed"])
+    assert not torch.allclose(seen_pre["stream"], seen_pre["normed"])
+    assert not torch.allclose(pre, post)
+
+
+def test_adaptformer_option_errors() -> None:
+    model = RecastModel.from_base(tiny_vit(depth=1), RecastConfig(target="none"))
+    with pytest.raises(ConfigError, match="input must be one of post_norm, pre_norm"):
+        model.add_adapter("adaptformer", input="before_norm")
+    with pytest.raises(ConfigError, match="scale must be a finite number"):
+        model.add_adapter("adaptformer", scale=float("nan"))
+
+
+def test_adaptformer_reference_options_through_the_method_registry(tmp_path) -> None:
+    model = build_method("adaptformer", tiny_vit(depth=2), **adaptformer.REFERENCE)
+    assert model.adapters == [{"kind": "adaptformer", "options": {"input": "pre_norm", "scale": 2.0}}]
+    assert model.method_options["input"] == "pre_norm"
+    assert all(m.scale == 2.0 and m.norm is not None for m in model.net.modules()
+               if isinstance(m, adaptformer.AdaptFormerMLP))
+
+
+def test_piggyback_reference_learning_rates(tmp_path) -> None:
+    model = build_method("recast+piggyback", narrow_resnet(), **REFERENCE_LRS)
+    model.add_task("t", 3)
+    model.set_task("t")
+    groups = {g["name"]: g for g in model.param_groups(2e-3)}
+    assert {k: groups[k]["lr"] for k in ("adapter", "coefficients", "head")} == {
+        "adapter": 1e-4, "coefficients": 5e-4, "head": 3e-2}
+    assert groups["adapter"]["weight_decay"] == 0.0
+    model.save_pretrained(tmp_path)
+    loaded = RecastModel.from_pretrained(tmp_path)
+    assert loaded.tasks["t"].meta["method_options"]["lrs"] == {"adapter": 1e-4, "coefficients": 5e-4, "head": 3e-2}

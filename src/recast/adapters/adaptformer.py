@@ -1,13 +1,22 @@
 """AdaptFormer: a bottleneck ``Linear(d->r) -> ReLU -> Linear(r->d)`` beside each block's MLP.
 
-The adapter reads the MLP's input (the normalised tokens) and its output, times ``scale``, is added
-to the MLP's output. The up-projection starts at zero, so a new task starts exactly at the wrapped
-MLP's output. On ViT-S (d = 384, 12 blocks) r = 2 gives 12 x (384*2 + 2 + 2*384 + 384) = 23,064
+The adapter's output, times ``scale``, is added to the MLP's output. What it reads is an option:
+
+- ``input="post_norm"`` (default): the MLP's own input, the tokens after the block's ``norm2``;
+- ``input="pre_norm"``: the block's residual stream before ``norm2``, as the reference release
+  does. The block's ``norm2`` then moves inside the wrapper (``mlp(norm(x)) + scale * adapter(x)``)
+  and the block keeps an ``Identity`` in its place, so the block computes the same function.
+
+The reference scales by ``alpha // r = 4 // 2 = 2``; ours by 0.1 unless told: :data:`REFERENCE`
+holds the options that reproduce the reference (``--opt input=pre_norm scale=2``). The
+up-projection starts at zero, so a new task starts exactly at the wrapped MLP's output, whichever
+the input. On ViT-S (d = 384, 12 blocks) r = 2 gives 12 x (384*2 + 2 + 2*384 + 384) = 23,064
 numbers per task.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import TYPE_CHECKING
 
@@ -20,6 +29,10 @@ from recast.tasks import TaskSpec
 
 if TYPE_CHECKING:
     from recast.model import RecastModel
+
+INPUTS = ("post_norm", "pre_norm")
+REFERENCE = {"input": "pre_norm", "scale": 2.0}  # the reference release's placement and alpha // r
+PRE_NORM_BLOCKS = ("Block",)  # timm ViT blocks that compute x + mlp(norm2(x)); others (ResPostBlock) differ
 
 
 class Bottleneck(nn.Module):
@@ -40,22 +53,31 @@ class Bottleneck(nn.Module):
 
 
 class ParallelAdapter(nn.Module):
-    """``mlp(x) + scale * adapter(x)``: what an AdaptFormer block's MLP is once exported."""
+    """``mlp(norm(x)) + scale * adapter(x)``: what an AdaptFormer block's MLP is once exported.
 
-    def __init__(self, mlp: nn.Module, adapter: nn.Module, scale: float) -> None:
+    ``norm`` is the block's ``norm2`` for ``input="pre_norm"``, an ``Identity`` otherwise.
+    """
+
+    def __init__(self, mlp: nn.Module, adapter: nn.Module, scale: float, norm: nn.Module | None = None) -> None:
         super().__init__()
         self.mlp, self.adapter, self.scale = mlp, adapter, scale
+        self.norm = norm if norm is not None else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:  # (..., d) -> (..., d)
-        return self.mlp(x) + self.scale * self.adapter(x)
+        return self.mlp(self.norm(x)) + self.scale * self.adapter(x)
 
 
 class AdaptFormerMLP(AdapterModule):
-    """A ViT block's MLP (with plain or generated layers) plus one bottleneck adapter per task."""
+    """A ViT block's MLP (with plain or generated layers) plus one bottleneck adapter per task.
 
-    def __init__(self, inner: nn.Module, rank: int = 2, scale: float = 0.1) -> None:
+    With ``norm`` (the block's ``norm2``, for ``input="pre_norm"``) it takes the un-normalised
+    residual stream: the MLP sees ``norm(x)``, the adapter sees ``x``.
+    """
+
+    def __init__(self, inner: nn.Module, rank: int = 2, scale: float = 0.1, norm: nn.Module | None = None) -> None:
         super().__init__(inner)
         self.dim, self.rank, self.scale = inner.fc1.in_features, rank, scale
+        self.norm = norm
 
     def make_task_state(self, spec: TaskSpec) -> nn.Module:
         return Bottleneck(self.dim, self.rank, **self.factory())
@@ -65,24 +87,43 @@ class AdaptFormerMLP(AdapterModule):
 
     def forward(self, x: Tensor) -> Tensor:
         """The wrapped MLP on the whole batch, plus each sample's task adapter."""
-        return self.inner(x) + super().forward(x)
+        return self.inner(x if self.norm is None else self.norm(x)) + super().forward(x)
 
     def to_plain(self, task: str) -> nn.Module:
         adapter = Bottleneck(self.dim, self.rank, **self.factory())
         adapter.load_state_dict(self.per_task[task].state_dict())
-        return ParallelAdapter(self.plain_inner(task), adapter, self.scale)
+        norm = copy.deepcopy(self.norm) if self.norm is not None else None
+        return ParallelAdapter(self.plain_inner(task), adapter, self.scale, norm)
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, scale={self.scale}"
+        return f"rank={self.rank}, scale={self.scale}, input={'pre_norm' if self.norm is not None else 'post_norm'}"
 
 
 @register_adapter("adaptformer", fits=("vit",), recast_target="att")
-def attach(model: RecastModel, rank: int = 2, scale: float = 0.1) -> None:
-    """Put an AdaptFormer adapter beside the MLP of every ViT block (``blocks.<i>.mlp``)."""
+def attach(model: RecastModel, rank: int = 2, scale: float = 0.1, input: str = "post_norm") -> None:
+    """Put an AdaptFormer adapter beside the MLP of every ViT block (``blocks.<i>.mlp``).
+
+    ``input`` says what the adapter reads (see the module docstring); ``scale`` multiplies its output.
+    """
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ConfigError(f"AdaptFormer rank must be a positive integer, got {rank!r}")
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+        raise ConfigError(f"AdaptFormer scale must be a finite number, got {scale!r} (the reference uses 2)")
+    if input not in INPUTS:
+        raise ConfigError(f"AdaptFormer input must be one of {', '.join(INPUTS)}, got {input!r}")
     names = [
         name for name, module in model.net.named_modules()
         if outside_task_state(name) and name.startswith("blocks.") and name.endswith(".mlp") and hasattr(module, "fc1")
     ]
-    install(model, names, lambda inner: AdaptFormerMLP(inner, rank, float(scale)))
+    if input == "post_norm":
+        install(model, names, lambda inner: AdaptFormerMLP(inner, rank, float(scale)))
+        return
+    blocks = [model.net.get_submodule(name.rpartition(".")[0]) for name in names]
+    for block in blocks:
+        if type(block).__name__ not in PRE_NORM_BLOCKS or not isinstance(getattr(block, "norm2", None), nn.Module):
+            raise ConfigError(f"AdaptFormer input='pre_norm' needs timm ViT blocks computing x + mlp(norm2(x)); "
+                              f"{type(block).__name__} is not one: use input='post_norm'")
+    for name, block in zip(names, blocks, strict=True):
+        norm = block.norm2
+        install(model, [name], lambda inner, norm=norm: AdaptFormerMLP(inner, rank, float(scale), norm))
+        block.norm2 = nn.Identity()  # now applied inside the wrapper, to the MLP's input only

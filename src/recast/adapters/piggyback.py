@@ -5,6 +5,14 @@ Per wrapped layer and task: a real-valued mask of the weight's shape, initialise
 ``weight * (mask > threshold)``; the gradient passes straight through the threshold to the real
 values. At rest only the binary mask is kept: 1 bit per weight, packed 8 to a byte (``uint8``).
 Loading sets the real values back to ``init`` (kept) or ``0`` (dropped), which binarises the same.
+
+Learning rates. With the common rate (2e-3) and masks starting 5e-3 above the threshold, masks can
+flip within a few steps. The reference release trains masks at 1e-4, coefficients at 5e-4 and the
+head at 3e-2 (separate Adam optimisers): :data:`REFERENCE_LRS` holds those as method options, e.g.
+``recast train --method recast+piggyback --opt mask_lr=1e-4 --opt coef_lr=5e-4 --opt head_lr=3e-2``
+(masks never get weight decay). The reference also draws its masks and threshold at random near
+zero; here the threshold is fixed and every mask starts full, so a new task starts exactly at the
+shared model.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ if TYPE_CHECKING:
     from recast.model import RecastModel
 
 SCOPES = ("auto", "generated", "all")
+REFERENCE_LRS = {"mask_lr": 1e-4, "coef_lr": 5e-4, "head_lr": 3e-2}  # the reference release's Adam rates
 
 
 def pack_bits(bits: Tensor) -> Tensor:

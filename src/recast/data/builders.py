@@ -7,6 +7,7 @@ its source through a small function that tests can replace with a tiny fake.
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import subprocess
@@ -16,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
+import PIL
 from PIL import Image
 
 from recast.data import fonts
@@ -63,8 +66,6 @@ def seeded_split(
 
 def _require(module: str, install: str) -> Any:
     """Import ``module`` or fail with the command that installs it."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError:
@@ -135,9 +136,6 @@ def build_glyphs(
 
 def _render_info(used: list[str], renders: int, size: int, seed: int) -> dict[str, Any]:
     """What a font rendering depended on, for the dataset's metadata."""
-    import matplotlib
-    import PIL
-
     return {"fonts": used, "renders_per_font": renders, "size": size, "seed": seed,
             "matplotlib": matplotlib.__version__, "pillow": PIL.__version__}
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import matplotlib
 import numpy as np
+from fontTools.ttLib import TTFont
 from PIL import Image, ImageDraw, ImageFont
 
 from recast.errors import RecastError
@@ -31,8 +33,6 @@ def matplotlib_fonts() -> list[Path]:
     Computer Modern files use TeX encodings and STIX size/non-Unicode variants hold no ordinary
     characters, so they are left out.
     """
-    import matplotlib
-
     folder = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
     skip = ("cm", "STIXSiz", "STIXNonUni", "LastResort")
     return sorted(p for p in folder.glob("*.ttf") if not p.name.startswith(skip))
@@ -40,8 +40,6 @@ def matplotlib_fonts() -> list[Path]:
 
 def font_charset(path: Path) -> set[int]:
     """The Unicode code points a font has glyphs for."""
-    from fontTools.ttLib import TTFont
-
     with TTFont(path, lazy=True) as font:
         return set(font.getBestCmap() or {})
 

@@ -1,6 +1,7 @@
 """Indexable image sources and the dataset views the splits hand out.
 
-A *source* knows its labels without decoding images and returns image ``i`` as a PIL RGB image.
+A *source* knows its labels without decoding images and returns image ``i`` as a PIL RGB image
+(files are decoded by :mod:`recast.data.decode`).
 A :class:`SplitView` is a torch ``Dataset`` over some indices of a source with one transform, so
 train and validation can share a source yet use different transforms.
 """
@@ -12,9 +13,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
+from recast.data.decode import DECODE_ERRORS, DEFAULT_MAX_PIXELS, SKIP_HINT, check_max_pixels, load_image, to_rgb
 from recast.errors import FileFormatError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -50,48 +52,56 @@ class ArrayImages:
 
 
 class FileImages:
-    """Images read from files on demand; a file that cannot be decoded raises an error naming it."""
+    """Images read from files on demand (see :mod:`recast.data.decode`); a bad file raises an error naming it."""
 
-    def __init__(self, paths: Sequence[Path], labels: Sequence[int]) -> None:
+    def __init__(self, paths: Sequence[Path], labels: Sequence[int], *,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
         self.paths = list(paths)
         self.labels = np.asarray(labels, dtype=np.int64)
+        self.max_pixels = check_max_pixels(max_pixels)
 
     def image(self, index: int) -> Image.Image:
-        """Decode file ``index`` fully (so truncation is caught here), as RGB."""
-        return load_image(self.paths[index])
+        """Decode file ``index`` fully (so truncation is caught here): its first frame, upright, as RGB."""
+        return load_image(self.paths[index], max_pixels=self.max_pixels)
 
     def where(self, index: int) -> str:
         return str(self.paths[index])
 
 
-def load_image(path: Path) -> Image.Image:
-    """Open and fully decode an image as RGB, or raise ``FileFormatError`` naming the file."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-        raise FileFormatError(
-            f"{path}: cannot read image ({exc}); fix or delete it, or pass skip_bad_images=True "
-            "(--skip-bad-images) to skip bad files and count them"
-        ) from None
+class SubsetImages:
+    """The items ``indices`` of another source, renumbered from 0 (what is left after skipping bad files)."""
+
+    def __init__(self, source: ImageSource, indices: Sequence[int]) -> None:
+        self.source = source
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.labels = np.asarray(source.labels)[self.indices]
+
+    def image(self, index: int) -> Image.Image:
+        return self.source.image(int(self.indices[index]))
+
+    def where(self, index: int) -> str:
+        return self.source.where(int(self.indices[index]))
 
 
-def drop_bad_files(source: FileImages) -> tuple[FileImages, list[str]]:
-    """Decode every file once; returns the source without the unreadable ones and their paths."""
+def drop_bad_items(source: ImageSource) -> tuple[ImageSource, list[str]]:
+    """Decode every item once; returns the source without the unreadable ones, and their error messages."""
     good, bad = [], []
-    for index, path in enumerate(source.paths):
+    for index in range(len(source.labels)):
         try:
-            load_image(path)
+            source.image(index)
             good.append(index)
-        except FileFormatError:
-            bad.append(str(path))
-    kept = FileImages([source.paths[i] for i in good], source.labels[good])
-    return kept, bad
+        except FileFormatError as exc:
+            bad.append(str(exc))
+    return (source if not bad else SubsetImages(source, good)), bad
 
 
 class TorchvisionImages:
-    """A torchvision dataset (constructed without a transform) seen as a source."""
+    """A torchvision dataset (constructed without a transform) seen as a source.
+
+    torchvision decodes its files itself; what it hands over is normalised like any file
+    (:func:`~recast.data.decode.to_rgb`), and a decoding failure becomes an error naming the item
+    (its file, where the dataset lists them).
+    """
 
     def __init__(self, dataset: Any, labels: np.ndarray) -> None:
         self.dataset = dataset
@@ -99,13 +109,30 @@ class TorchvisionImages:
 
     def image(self, index: int) -> Image.Image:
         """The dataset's image ``index`` as RGB (MNIST-like sets give grey images)."""
-        image = self.dataset[index][0]
-        if not isinstance(image, Image.Image):
-            image = Image.fromarray(np.asarray(image))
-        return image if image.mode == "RGB" else image.convert("RGB")
+        try:
+            image = self.dataset[index][0]
+            if not isinstance(image, Image.Image):
+                image = Image.fromarray(np.asarray(image))
+            return to_rgb(image)
+        except DECODE_ERRORS as exc:
+            raise FileFormatError(f"{self.where(index)}: cannot read image ({exc}); {SKIP_HINT}") from None
 
     def where(self, index: int) -> str:
-        return f"item {index} of {type(self.dataset).__name__}"
+        path = _listed_file(self.dataset, index)
+        name = f"item {index} of {type(self.dataset).__name__}"
+        return f"{path} ({name})" if path else name
+
+
+def _listed_file(dataset: Any, index: int) -> str | None:
+    """The file of item ``index`` where a torchvision dataset keeps a list of them, else ``None``."""
+    for attribute in ("_image_files", "_images", "imgs", "samples", "_samples"):
+        items = getattr(dataset, attribute, None)
+        if isinstance(items, (list, tuple)) and 0 <= index < len(items):
+            item = items[index]
+            item = item[0] if isinstance(item, (list, tuple)) else item
+            if isinstance(item, (str, Path)):
+                return str(item)
+    return None
 
 
 class SplitView(Dataset):

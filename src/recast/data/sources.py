@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torchvision.datasets
 from torch.utils.data import Dataset
 
+from recast.data.builtin import load_builtin
+from recast.data.decode import DEFAULT_MAX_PIXELS, check_max_pixels
 from recast.data.images import (
     IMAGE_SUFFIXES,
     ArrayImages,
@@ -25,9 +28,10 @@ from recast.data.images import (
     SplitView,
     TorchvisionImages,
     check_labels,
-    drop_bad_files,
+    drop_bad_items,
 )
 from recast.data.splits import stratified_split
+from recast.data.transforms import describe_transform
 from recast.errors import ConfigError, FileFormatError, RecastError
 
 SPEC_FORMS = "imagefolder:PATH, csv:PATH, torchvision:NAME:ROOT, builtin:NAME"
@@ -59,17 +63,21 @@ class _Parts:
 def open_data(
     spec: str, *, val_fraction: float = 0.1, seed: int = 0, train_transform: Callable | None = None,
     eval_transform: Callable | None = None, skip_bad_images: bool = False, test_fraction: float = 0.2,
-    input_shape: tuple[int, ...] | None = None,
+    input_shape: tuple[int, ...] | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> DataSplits:
     """Open the data that ``spec`` names and split it (see the module docstring).
 
     With transforms left ``None`` the datasets yield PIL RGB images. ``test_fraction`` is used
     only for sources without an official test split. ``input_shape`` (e.g. ``(3, 32, 32)``) makes
     every transformed image be checked against what the model takes, naming the offending file.
-    Labels outside the class list are refused when the data is opened. ``skip_bad_images`` decodes every file
-    once up front and leaves out (and counts) those that cannot be read; without it a bad file
-    raises an error naming it when it is reached.
+    Labels outside the class list are refused when the data is opened. Image files are decoded as
+    :mod:`recast.data.decode` says: one upright RGB frame, files over ``max_pixels`` pixels
+    (``None``: no limit) refused before decoding. ``skip_bad_images`` decodes every image once up
+    front and leaves out (and counts) those that cannot be read; without it a bad file raises an
+    error naming it when it is reached. ``split_info`` records the splits, the skipped files and
+    the transforms (``augment``: the preset of :func:`~recast.data.transforms.transforms_for`).
     """
+    check_max_pixels(max_pixels)
     if not isinstance(spec, str) or "\x00" in spec:
         raise ConfigError(f"invalid data spec {spec!r}: it must be text without NUL characters; valid forms: {SPEC_FORMS}")
     kind, _, rest = spec.partition(":")
@@ -82,11 +90,13 @@ def open_data(
         raise
     except (OSError, ValueError) as exc:  # unreadable paths, names too long, ...: say which spec, never a traceback
         raise FileFormatError(f"cannot open data {spec!r}: {exc}") from None
-    info: dict[str, Any] = {"spec": spec, "kind": kind, "seed": seed, **parts.info}
+    _limit_pixels(parts, max_pixels)
+    info: dict[str, Any] = {"spec": spec, "kind": kind, "seed": seed, **parts.info, "max_pixels": max_pixels,
+                            **_transform_info(train_transform, eval_transform)}
+    info["skip_bad_images"] = bool(skip_bad_images)
     if skip_bad_images:
-        parts, info["bad_images"] = _skip_bad(parts)
-        info["skipped_bad_images"] = len(info["bad_images"])
-        info["bad_images"] = info["bad_images"][:10]
+        parts, bad = _skip_bad(parts)
+        info.update(skipped_bad_images=len(bad), bad_images=bad[:10])
     for split, source in (("train", parts.train), ("validation", parts.val), ("test", parts.test)):
         if source is not None:
             check_labels(source, len(parts.classes), split)
@@ -121,14 +131,31 @@ def _assemble(
     return DataSplits(train, val, test, list(parts.classes), info)
 
 
+def _transform_info(train: Callable | None, evaluation: Callable | None) -> dict[str, Any]:
+    """What the results record about the transforms: each one described, and the training preset."""
+    described = {"train": describe_transform(train), "eval": describe_transform(evaluation)}
+    preset = described["train"].get("augment", "custom") if train is not None else "none (PIL images)"
+    return {"augment": preset, "transforms": described}
+
+
+def _limit_pixels(parts: _Parts, max_pixels: int | None) -> None:
+    """Give every file-backed split the pixel limit."""
+    for source in (parts.train, parts.val, parts.test):
+        if isinstance(source, FileImages):
+            source.max_pixels = max_pixels
+
+
 def _skip_bad(parts: _Parts) -> tuple[_Parts, list[str]]:
-    """Drop unreadable files from every file-backed split; returns the new parts and the bad paths."""
+    """Drop unreadable images from every split read from files; returns the new parts and the errors.
+
+    The built-in arrays are known good and are not decoded.
+    """
     bad: list[str] = []
 
     def clean(source: ImageSource | None) -> ImageSource | None:
-        if not isinstance(source, FileImages):
+        if source is None or isinstance(source, ArrayImages):
             return source
-        kept, dropped = drop_bad_files(source)
+        kept, dropped = drop_bad_items(source)
         bad.extend(dropped)
         return kept
 
@@ -255,8 +282,6 @@ def _torchvision(rest: str) -> _Parts:
     if name not in table or not root:
         raise ConfigError(f"unknown torchvision data spec 'torchvision:{rest}'; use torchvision:NAME:ROOT "
                           f"with NAME one of {', '.join(sorted(table))}")
-    import torchvision.datasets
-
     sources, classes = {}, None
     for role, kwargs in table[name].items():
         dataset = _construct(getattr(torchvision.datasets, name), name, root, kwargs)
@@ -300,8 +325,6 @@ def _classes_of(dataset: Any, labels: np.ndarray) -> list[str]:
 
 def _builtin(name: str) -> _Parts:
     """A built-in dataset from the cache (built on first use); its split is recorded in its metadata."""
-    from recast.data.builtin import load_builtin
-
     arrays, meta = load_builtin(name)
     train = ArrayImages(arrays["train_x"], arrays["train_y"])
     test = ArrayImages(arrays["test_x"], arrays["test_y"])

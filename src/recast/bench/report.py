@@ -12,6 +12,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from matplotlib.figure import Figure
+
 from recast.errors import FileFormatError
 from recast.io import atomic_write_bytes
 
@@ -137,12 +139,8 @@ def write_report(results_dir: str | Path) -> Path:
 
 def plot_accuracy_vs_bytes(rows: list[dict[str, Any]], path: Path) -> Path:
     """Average accuracy against bytes per task (log axis), one point per method and backbone."""
-    import matplotlib  # deferred: heavy, and only the plots need it
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))  # no pyplot: no global state, no display backend
+    ax = fig.subplots()
     for row in rows:
         ax.errorbar(max(row["bytes"], 1), row["accuracy_mean"], yerr=row["accuracy_std"], fmt="o", capsize=3)
         ax.annotate(f"{row['method']} ({row['backbone']})", (max(row["bytes"], 1), row["accuracy_mean"]),
@@ -153,20 +151,15 @@ def plot_accuracy_vs_bytes(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
 def plot_accuracy_matrix(run: dict[str, Any], results_dir: Path) -> Path:
     """Heat map of accuracy on task j (column) after learning task i (row) for one run."""
-    import matplotlib  # deferred: heavy, and only the plots need it
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     matrix = run["accuracy_matrix"]
     names = [t["name"] for t in run["tasks"]]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * len(names), 1.0 + 0.7 * len(names)))
+    fig = Figure(figsize=(1.2 + 0.8 * len(names), 1.0 + 0.7 * len(names)))
+    ax = fig.subplots()
     ax.imshow([[v if v is not None else float("nan") for v in row] for row in matrix], vmin=0, vmax=1, cmap="viridis")
     for i, row in enumerate(matrix):
         for j, value in enumerate(row):
@@ -178,5 +171,4 @@ def plot_accuracy_matrix(run: dict[str, Any], results_dir: Path) -> Path:
     fig.tight_layout()
     path = results_dir / f"matrix_{run['method']}_{run['backbone']}_{run['seed']}.png".replace("+", "-")
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

@@ -133,3 +133,27 @@ def test_tuning_grids_per_method():
     assert parse_grid(["head=1e-3,1e-2"]) == {"head": (1e-3, 1e-2)}
     with pytest.raises(ConfigError, match="KIND=LR"):
         parse_grid(["lr=1e-3"])
+
+
+class _Stop(Exception):
+    """Raised by a log callback to interrupt a run the way a kill would, between two tasks' records."""
+
+
+def test_an_interrupted_run_resumes_to_the_same_record(tiny_suite, tmp_path):
+    runs = bench.plan(tiny_suite, methods=["recast"])
+    bench.run_suite(tiny_suite, runs, tmp_path / "straight", log=lambda _: None)
+
+    def stop_after_second_task(line):
+        if "/ t1: test" in line:  # t1 is saved, its record not yet kept
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        bench.run_suite(tiny_suite, runs, tmp_path / "stopped", log=stop_after_second_task)
+    assert not (tmp_path / "stopped" / "runs").exists() and (tmp_path / "stopped" / "state").is_dir()
+    logs = []
+    bench.run_suite(tiny_suite, runs, tmp_path / "stopped", log=logs.append)
+    assert any("resuming the interrupted run" in line for line in logs)
+    resumed, straight = (json.loads((tmp_path / d / "runs" / "recast-att__tiny__42.json").read_text())
+                         for d in ("stopped", "straight"))
+    assert resumed["accuracy_matrix"] == straight["accuracy_matrix"]
+    assert not (tmp_path / "stopped" / "state" / "recast-att__tiny__42").exists()

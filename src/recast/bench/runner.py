@@ -18,24 +18,43 @@ from recast.bench.suites import Run, Suite, load_base, method_name, open_tasks, 
 from recast.bench.tuning import tune
 from recast.io import atomic_write_json
 from recast.methods import build_method
-from recast.train import SequenceTask, learn_sequence, run_record, task_meta
+from recast.train import (
+    SequenceTask,
+    is_model_directory,
+    learn_sequence,
+    load_model,
+    remove_checkpoint,
+    run_record,
+    task_meta,
+)
 
 
 def run_one(
     suite: Suite, run: Run, out: Path, progress: bool = False, log: Callable[[str], None] = print,
     *, options: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
-    extra: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None, resume: bool = False,
 ) -> dict[str, Any]:
     """Learn the suite's tasks with one method on one backbone; write and return the run record.
 
     ``options`` are added to the method's options of the suite (e.g. learning rates), ``overrides``
     to its training options; ``extra`` fields go into the record (e.g. the tuning that chose them).
+    Progress is kept in ``out/state/<run>/`` until the record is written; with ``resume`` an
+    interrupted run continues from its last finished task and epoch (its model directory holds
+    the finished tasks).
     """
     config = run_config(suite, run, overrides)
     base = load_base(run, config)
-    model = build_method(method_name(run.method), base, **{**run.backbone.options.get(run.method, {}), **(options or {})})
-    tasks = open_tasks(suite, base, run.seed, config)
     model_dir = out / "models" / run.file_name.removesuffix(".json")
+    state = out / "state" / run.file_name.removesuffix(".json")
+    if resume and state.is_dir() and is_model_directory(model_dir):
+        log(f"  {run.method} / {run.backbone.key}: resuming the interrupted run from {state}")
+        model = load_model(model_dir, image_size=config.image_size)
+    else:
+        remove_checkpoint(state)
+        model = build_method(method_name(run.method), base,
+                             **{**run.backbone.options.get(run.method, {}), **(options or {})})
+        model.save_pretrained(model_dir)  # the backbone once; each task file is added as it is learned
+    tasks = open_tasks(suite, base, run.seed, config)
 
     def save(model: Any, task: SequenceTask, result: Any) -> int:
         record = model.save_task(model_dir, task.name, task_meta(model, task, result, run.seed))
@@ -43,12 +62,12 @@ def run_one(
             f"(val {result.val_accuracy:.3f}), {record['bytes']} bytes")
         return int(record["bytes"])
 
-    model.save_pretrained(model_dir)  # the backbone once; each task file is added as it is learned
     start = time.perf_counter()
-    outcome = learn_sequence(model, tasks, config, progress=progress, on_task=save)
+    outcome = learn_sequence(model, tasks, config, progress=progress, on_task=save, state_dir=state, resume=resume)
     record = run_record(model, outcome, method=run.method, backbone=run.backbone.key, suite=suite.name, config=config,
                         seconds=time.perf_counter() - start, backbone_spec=run.backbone.spec, **(extra or {}))
     atomic_write_json(out / "runs" / run.file_name, record)
+    remove_checkpoint(state)
     return record
 
 
@@ -76,5 +95,5 @@ def run_suite(
         log(f"[{index}/{len(runs)}] {run.method} on {run.backbone.key}, seed {run.seed}"
             + (f", learning rates {tuning['chosen']}" if tuning else ""))
         run_one(suite, run, out, progress=progress, log=log, options=tuning["options"] if tuning else None,
-                extra={"tuning": tuning} if tuning else None)
+                extra={"tuning": tuning} if tuning else None, resume=resume)
     return write_report(out)

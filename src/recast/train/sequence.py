@@ -11,6 +11,7 @@ both write.
 from __future__ import annotations
 
 import platform
+import re
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -311,10 +312,11 @@ def run_sequence(run: SequenceRun, config: TrainConfig, dist: DistContext | None
     method = getattr(model, "method", "recast")
     tasks = [open_task(entry, model.net, config, val_fraction=run.val_fraction, data_seed=run.data_seed)
              for entry in run.entries]
-    states = run.directory / "checkpoints" / f"sequence-{run.suite}"
+    stem = _file_stem(f"{run.suite}-{method}")
+    states = run.directory / "checkpoints" / _file_stem(f"sequence-{run.suite}")
     runs, files = [], []
     for index, seed in enumerate(run.seeds):
-        path, state = run.out / f"{run.suite}-{method}-seed{seed}.json", states / f"seed{seed}"
+        path, state = run.out / f"{stem}-seed{seed}.json", states / f"seed{seed}"
         if run.resume and path.is_file():
             runs.append(read_json(path))
             continue
@@ -339,10 +341,15 @@ def run_sequence(run: SequenceRun, config: TrainConfig, dist: DistContext | None
     result = {"method": method, "suite": run.suite, "seeds": list(run.seeds), "summary": summary,
               "image_size": config.image_size, "augment": config.augment, "versions": versions()}
     if dist.is_main:
-        path = run.out / f"{run.suite}-{method}-summary.json"
+        path = run.out / f"{stem}-summary.json"
         atomic_write_json(path, result)
         files.append(str(path))
     return {**result, "files": files}
+
+
+def _file_stem(text: str) -> str:
+    """``text`` with every character but letters, digits and ``_.+-`` replaced: a safe file name."""
+    return re.sub(r"[^A-Za-z0-9_.+-]", "-", text).lstrip(".") or "-"
 
 
 def _seed_model(run: SequenceRun, workdir: Path, config: TrainConfig, dist: DistContext) -> Any:

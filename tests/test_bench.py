@@ -131,6 +131,7 @@ def test_tuning_grids_per_method():
     assert both == [{"adapter": 1e-3, "head": 1e-2, "coefficients": 1e-3}]
     assert len(grid_points("recast")) == len(DEFAULT_GRID["coefficients"]) * len(DEFAULT_GRID["head"])
     assert parse_grid(["head=1e-3,1e-2"]) == {"head": (1e-3, 1e-2)}
+
     with pytest.raises(ConfigError, match="KIND=LR"):
         parse_grid(["lr=1e-3"])
 
@@ -157,3 +158,10 @@ def test_an_interrupted_run_resumes_to_the_same_record(tiny_suite, tmp_path):
                          for d in ("stopped", "straight"))
     assert resumed["accuracy_matrix"] == straight["accuracy_matrix"]
     assert not (tmp_path / "stopped" / "state" / "recast-att__tiny__42").exists()
+
+
+def test_a_grid_of_one_point_is_chosen_without_trials(tmp_path):
+    run = bench.Run("linear", bench.BenchBackbone("b", "-", ("linear",)), 1)
+    record = bench.tune(bench.Suite("s", (), (), {}), run, tmp_path, grid={"head": (1e-2,)}, log=lambda _: None)
+    assert record["chosen"] == {"head": 1e-2} and record["options"] == {"head_lr": 1e-2} and record["scores"] == []
+    assert json.loads((tmp_path / "tuning" / "linear__b.json").read_text()) == record

@@ -115,8 +115,8 @@ def tuning_table(runs: list[dict[str, Any]]) -> str:
         shown = "; ".join(f"{kind} {', '.join(f'{v:g}' for v in sorted(values))}" for kind, values in grid.items())
         chosen = ", ".join(f"{kind} {lr:g}" for kind, lr in tuning["chosen"].items())
         scores = [s["val_accuracy"] for s in tuning["scores"]]
-        lines.append(f"| {method} | {backbone} | {shown} | {chosen} | {max(scores):.3f} / {min(scores):.3f} | "
-                     f"{len(scores)} |")
+        measured = f"{max(scores):.3f} / {min(scores):.3f}" if scores else "- (one point)"
+        lines.append(f"| {method} | {backbone} | {shown} | {chosen} | {measured} | {len(tuning['grid'])} |")
     return "\n".join(lines) + "\n"
 
 

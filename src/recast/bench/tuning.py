@@ -115,13 +115,13 @@ def tune(
             log(f"  tune {run.method} / {run.backbone.key}: kept {record['chosen']} from {path}")
             return record
     scores = []
-    for index, point in enumerate(points, 1):
+    for index, point in enumerate(points if len(points) > 1 else [], 1):  # one point: nothing to choose between
         score = validation_score(suite, run, method_options(point))
         scores.append({"lrs": point, **score})
         log(f"  tune {run.method} / {run.backbone.key} [{index}/{len(points)}] {point}: "
             f"validation {score['val_accuracy']:.4f}")
-    best = max(scores, key=lambda s: s["val_accuracy"])  # the first of equal scores: the grid's order decides
+    best = max(scores, key=lambda s: s["val_accuracy"])["lrs"] if scores else points[0]  # ties: the grid's order
     record = {"method": run.method, "backbone": run.backbone.key, "seed": run.seed, "selected_on": "validation",
-              "grid": points, "scores": scores, "chosen": best["lrs"], "options": method_options(best["lrs"])}
+              "grid": points, "scores": scores, "chosen": best, "options": method_options(best)}
     atomic_write_json(path, record)
     return record

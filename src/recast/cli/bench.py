@@ -9,7 +9,7 @@ from pathlib import Path
 from recast import bench
 from recast.bench.perf import PerfSetup, run_perf
 from recast.bench.report import write_report
-from recast.bench.tuning import DEFAULT_GRID, parse_grid
+from recast.bench.tuning import DEFAULT_GRID, grid_points, parse_grid
 from recast.train import AUGMENTS
 
 
@@ -63,14 +63,19 @@ def run(args: argparse.Namespace) -> int:
     suite = bench.offline_suite(args.quick) if args.suite == "offline" else bench.paper_suite(args.data_root)
     suite = bench.with_training(suite, image_size=args.image_size, augment=args.augment)
     runs = bench.plan(suite, args.methods, args.seeds, args.backbones)
+    grid = parse_grid(args.tune_grid)
     print(bench.describe(suite, runs))
+    if args.tune:
+        for method in dict.fromkeys(r.method for r in runs):
+            points = grid_points(method, grid)
+            print(f"  tune {method}: {len(points)} learning-rate points on validation, first seed: {points}")
     if args.dry_run:
         return 0
     if bench.missing_data(suite):
         print("recast: error: some data roots are missing (see above); fix --data-root or download them first")
         return 2
     report = bench.run_suite(suite, runs, args.out, progress=True, resume=not args.restart, tune_lrs=args.tune,
-                             grid=parse_grid(args.tune_grid))
+                             grid=grid)
     print(f"wrote {report} and the plots beside it")
     return 0
 

@@ -102,7 +102,7 @@ def test_tune_chooses_on_validation_and_reads_test_data_only_in_the_final_runs(t
         return replace(splits, test=_TestSpy(splits.test, events))
 
     monkeypatch.setattr(sequence, "open_data", spying_open)
-    suite = replace(tiny_suite, seeds=(42, 7))
+    suite = replace(tiny_suite, seeds=(42, 7), train={**tiny_suite.train, "epochs": 1})
     runs = bench.plan(suite, methods=["recast"])
     out = tmp_path / "results"
     grid = {"coefficients": (1e-4, 5e-2), "head": (5e-2,)}

@@ -325,3 +325,8 @@ def test_image_size_is_used_and_recorded_by_train_eval_and_tasks(model_dir, data
     assert {r["task"]: r["image_size"] for r in json.loads(capsys.readouterr().out)["tasks"]}["a"] == 32
     assert cli(["train", model_dir, "--task", "b", "--data", spec, *FAST, "--image-size", "20"]) == 2
     assert "multiple of 8" in capsys.readouterr().err
+    assert cli(["train", model_dir, "--task", "r", "--data", spec, *FAST, "--augment", "reference", "--json"]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert cli(["eval", model_dir, "--task", "r", "--data", spec, "--json"]) == 0  # the reference's evaluation too
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["augment"] == "reference" and evaluated["accuracy"] == trained["metrics"]["test_accuracy"]

@@ -18,7 +18,6 @@ import torch
 from recast import train
 from recast.cli.options import parse_options
 from recast.data.images import load_image
-from recast.data.transforms import transforms_for
 from recast.distributed import DistContext, default_device, init_distributed, shutdown
 from recast.errors import ConfigError, FileFormatError
 from recast.train import TrainConfig
@@ -268,7 +267,8 @@ def _load_for_task(directory: str, task: str, image_size: int | None) -> Any:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     model = _load_for_task(args.directory, args.task, args.image_size)
-    config = TrainConfig(augment="none", image_size=train.image_size_of(model.net))
+    augment = train.recorded_augment(model, args.task)  # evaluation as the task was trained (statistics, resize)
+    config = TrainConfig(augment=augment, image_size=train.image_size_of(model.net))
     task = train.open_task(train.SequenceEntry(args.task, args.data), model.net, config,
                            val_fraction=args.val_fraction, data_seed=args.data_seed)
     train.check_classes(model, args.task, task.classes)
@@ -277,7 +277,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     model.to(device)
     accuracy = train.evaluate(model, dataset, batch_size=args.batch_size, device=device)
     result = {"task": args.task, "split": args.split, "accuracy": accuracy, "samples": len(dataset), "data": args.data,
-              "image_size": config.image_size}
+              "image_size": config.image_size, "augment": augment}
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
@@ -312,7 +312,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise ConfigError(f"--top-k must be at least 1, got {args.top_k}")
     model = _load_for_task(args.directory, args.task, None)
     model.eval()
-    transform = transforms_for(model.net, train=False)
+    record = model.tasks[args.task].meta or {}
+    transform = train.eval_transform(model.net, train.recorded_augment(model, args.task), record.get("data"))
     images = torch.stack([transform(load_image(Path(p))) for p in args.images])
     with torch.no_grad():
         probs = model(images).softmax(-1)

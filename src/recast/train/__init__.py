@@ -14,6 +14,7 @@ from recast.train.directory import (
     create_directory,
     is_model_directory,
     load_model,
+    recorded_augment,
     recorded_image_size,
     require_task,
     task_records,
@@ -26,6 +27,7 @@ from recast.train.sequence import (
     SequenceRun,
     SequenceTask,
     check_classes,
+    eval_transform,
     learn_sequence,
     offline_entries,
     open_task,
@@ -39,9 +41,9 @@ from recast.train.sequence import (
 
 __all__ = [
     "AUGMENTS", "PRECISIONS", "FitResult", "SequenceEntry", "SequenceRun", "SequenceTask", "TrainConfig",
-    "TrainingError", "backbone_bytes", "check_classes", "create_directory", "evaluate", "fit_task", "forward_mixed", "has_checkpoint", "image_size_of",
+    "TrainingError", "backbone_bytes", "check_classes", "create_directory", "eval_transform", "evaluate", "fit_task", "forward_mixed", "has_checkpoint", "image_size_of",
     "is_model_directory", "learn_sequence", "load_model", "load_state_tensors", "offline_entries", "open_task",
-    "peak_rss_mb", "predict_logits", "prepare_task", "read_config_file", "read_sequence", "recorded_image_size",
+    "peak_rss_mb", "predict_logits", "prepare_task", "read_config_file", "read_sequence", "recorded_augment", "recorded_image_size",
     "remove_checkpoint", "require_task", "run_record", "run_sequence", "set_image_size", "state_tensors",
     "task_meta", "task_records", "versions", "write_history_csv",
 ]

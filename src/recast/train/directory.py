@@ -52,6 +52,15 @@ def recorded_image_size(model: Any, task: str) -> int | None:
     return int(size) if isinstance(size, int) and not isinstance(size, bool) else None
 
 
+def recorded_augment(model: Any, task: str) -> str:
+    """The augmentation preset task ``task`` was trained with, as its record states (``default`` when unstated)."""
+    meta = model.tasks[task].meta or {}
+    augment = (meta.get("train_config") or {}).get("augment")
+    if augment is True or augment is None:  # records made before the presets
+        return "default"
+    return "none" if augment is False else str(augment)
+
+
 def task_records(directory: str | Path) -> list[dict[str, Any]]:
     """The task records of a model directory, as its committed config lists them, without loading any weights."""
     directory = Path(directory)

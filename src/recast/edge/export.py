@@ -41,27 +41,31 @@ OPSET = 17
 
 
 def export_onnx(
-    model: RecastModel, out_dir: str | Path, *, task: str | None = None, dtype: str = "fp32", opset: int = OPSET
+    model: RecastModel, out_dir: str | Path, *, task: str | None = None, dtype: str = "fp32", opset: int = OPSET,
+    input_size: tuple[int, int, int] | None = None,
 ) -> dict[str, Any]:
     """Write ``out_dir`` (see the module docstring) and return its manifest.
 
     Without ``task``: the task-generic graph plus every task it can serve, packed as ``dtype``
     (tasks it cannot serve are listed under ``skipped`` with the reason). With ``task``: that task's
-    plain graph. An existing ``out_dir`` is replaced only when it is an earlier export.
+    plain graph. The graph's image size is the model's data config's (``input_size`` overrides it,
+    e.g. a CNN at another resolution); the batch size is free. An existing ``out_dir`` is replaced
+    only when it is an earlier export.
     """
     check_dtype(dtype)
     out_dir = Path(out_dir)
     _check_target(out_dir)
     model = model.cpu().eval()
-    if task is not None:
-        files, manifest = _plain(model, task, opset)
-    else:
-        files, manifest = _task_generic(model, dtype, opset)
     config = data_config(model.net)
+    size = tuple(input_size or config["input_size"])
+    if task is not None:
+        files, manifest = _plain(model, task, size, opset)
+    else:
+        files, manifest = _task_generic(model, dtype, size, opset)
     manifest.update({
         "format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION, "library_version": __version__,
         "fingerprint": model.fingerprint, "graph": GRAPH_FILE, "opset": opset,
-        "input_size": list(config["input_size"]), "mean": list(config["mean"]), "std": list(config["std"]),
+        "input_size": list(size), "mean": list(config["mean"]), "std": list(config["std"]),
         "files": {name: {"sha256": sha256_hex(data), "bytes": len(data)} for name, data in files.items()},
     })
     previous = _previous_files(out_dir)
@@ -73,7 +77,7 @@ def export_onnx(
     return manifest
 
 
-def _task_generic(model: RecastModel, dtype: str, opset: int) -> tuple[dict[str, bytes], dict[str, Any]]:
+def _task_generic(model: RecastModel, dtype: str, size: tuple[int, ...], opset: int) -> tuple[dict[str, bytes], dict[str, Any]]:
     """The task-generic graph and every task file it serves."""
     graph = TaskGraph(model)
     head = model.head_name
@@ -83,7 +87,6 @@ def _task_generic(model: RecastModel, dtype: str, opset: int) -> tuple[dict[str,
     if not tasks:
         raise TaskError("no task of this model fits a task-generic graph: " + "; ".join(f"{k}: {v}" for k, v in servable.items()))
     example = model.task_tensors(tasks[0])
-    size = tuple(data_config(model.net)["input_size"])
     args = (torch.zeros(2, *size), *(example[name] for name in task_inputs))
     dynamic = {IMAGES: {0: "batch"}, task_inputs[1]: {0: "classes"}, task_inputs[2]: {0: "classes"},
                LOGITS: {0: "batch", 1: "classes"}}
@@ -104,12 +107,11 @@ def _task_generic(model: RecastModel, dtype: str, opset: int) -> tuple[dict[str,
     return files, manifest
 
 
-def _plain(model: RecastModel, task: str, opset: int) -> tuple[dict[str, bytes], dict[str, Any]]:
+def _plain(model: RecastModel, task: str, size: tuple[int, ...], opset: int) -> tuple[dict[str, bytes], dict[str, Any]]:
     """Task ``task``'s plain graph (the exported model): images in, logits out."""
     if task not in model.tasks:
         raise TaskError(f"no task named {task!r}; existing tasks: {', '.join(sorted(model.tasks)) or 'none'}")
     net = model.export(task).eval()
-    size = tuple(data_config(model.net)["input_size"])
     graph = onnx_bytes(net, (torch.zeros(2, *size),), [IMAGES], {IMAGES: {0: "batch"}, LOGITS: {0: "batch"}}, opset)
     info = model.tasks[task]
     manifest = {

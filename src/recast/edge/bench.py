@@ -1,0 +1,171 @@
+"""The edge benchmark: ONNX Runtime latency, task switch, bytes and packed accuracy, in one run.
+
+:func:`edge_bench` exports a model twice (the task-generic graph and one task's plain graph) and
+measures, on this CPU with the same thread count for every contestant:
+
+- latency of the task-generic graph, the plain graph (both ONNX Runtime) and the PyTorch eval
+  forward, per batch size, as medians of interleaved repeats (one call of each in turn, so drifts in
+  machine load hit all three alike);
+- the task switch in ONNX Runtime: reading a delivered task file (parse, checks, dequantise) and the
+  extra time of the first run on another task over a run on the same task (both medians);
+- the bytes of both graphs and of every task file in every packed dtype;
+- with datasets: every task's test accuracy after a round trip through each packed dtype.
+
+:func:`size_comparison` gives the bytes of a RECAST-Att ViT-S task file (int8 head) against a PEFT
+LoRA r=8 adapter (``get_peft_model_state_dict`` saved with safetensors) plus its head.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+from torch import nn
+
+from recast.config import RecastConfig
+from recast.edge.device import EdgeRunner
+from recast.edge.export import GRAPH_FILE, export_onnx
+from recast.edge.pack import packed_accuracy, packed_task_blob
+from recast.format.quantize import DTYPES
+from recast.io import atomic_write_json
+from recast.model import RecastModel
+
+
+def edge_bench(
+    model: RecastModel,
+    *,
+    tasks: list[str] | None = None,
+    batch_sizes: tuple[int, ...] = (1, 8),
+    repeats: int = 20,
+    threads: int | None = None,
+    datasets: dict[str, Any] | None = None,
+    out: str | Path | None = None,
+) -> dict[str, Any]:
+    """Measure ``model`` at the edge (see the module docstring); writes JSON to ``out`` when given.
+
+    ``tasks`` (default: every task) are the tasks measured; ``datasets`` maps task names to test
+    datasets for the packed-accuracy table. ``threads`` (default: every core) is used by ONNX
+    Runtime and by PyTorch alike.
+    """
+    tasks = list(tasks or model.tasks)
+    threads = threads or os.cpu_count() or 1
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            export_onnx(model, Path(tmp, "generic"))
+            export_onnx(model, Path(tmp, "plain"), task=tasks[0])
+            generic, plain = EdgeRunner(Path(tmp, "generic"), threads), EdgeRunner(Path(tmp, "plain"), threads)
+            result: dict[str, Any] = {
+                "threads": threads, "repeats": repeats, "tasks": tasks,
+                "latency": {str(b): _latency(model, generic, plain, tasks[0], b, repeats) for b in batch_sizes},
+                "switch": _switch(model, generic, tasks, repeats),
+                "bytes": {
+                    "graph_task_generic": Path(tmp, "generic", GRAPH_FILE).stat().st_size,
+                    "graph_plain": Path(tmp, "plain", GRAPH_FILE).stat().st_size,
+                    "task_files": {t: {d: len(packed_task_blob(model, t, d)) for d in DTYPES} for t in tasks},
+                },
+            }
+    finally:
+        torch.set_num_threads(previous_threads)
+    if datasets:
+        result["accuracy"] = {t: packed_accuracy(model, t, datasets[t]) for t in tasks if t in datasets}
+    if out is not None:
+        atomic_write_json(out, result)
+    return result
+
+
+def _latency(model: RecastModel, generic: EdgeRunner, plain: EdgeRunner, task: str, batch: int, repeats: int) -> dict[str, Any]:
+    """Median seconds per call of the three contestants at one batch size, interleaved."""
+    size = generic.manifest["input_size"]
+    images = np.random.default_rng(0).standard_normal((batch, *size), dtype=np.float32)
+    tensor = torch.from_numpy(images)
+    model.eval().set_task(task)
+    arrays = generic.task(task)
+
+    def torch_forward() -> None:
+        with torch.no_grad():
+            model(tensor)
+
+    calls: dict[str, Callable[[], Any]] = {
+        "onnx_task_generic": lambda: generic.run(images, arrays),
+        "onnx_plain": lambda: plain.run(images),
+        "torch_eval": torch_forward,
+    }
+    times = _interleaved(calls, repeats)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    return {
+        "median_s": medians,
+        "generic_over_plain": medians["onnx_task_generic"] / medians["onnx_plain"],
+        "generic_over_torch": medians["onnx_task_generic"] / medians["torch_eval"],
+    }
+
+
+def _interleaved(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each call over ``repeats`` rounds (each round calls every one once), after a warm-up."""
+    for call in calls.values():
+        call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _switch(model: RecastModel, runner: EdgeRunner, tasks: list[str], repeats: int) -> dict[str, Any]:
+    """Task switch in ONNX Runtime: reading a task file, and the first run on another task (batch 1)."""
+    blobs = {t: packed_task_blob(model, t, "int8") for t in tasks}
+    loads = []
+    for i in range(repeats):
+        data = blobs[tasks[i % len(tasks)]]
+        start = time.perf_counter()
+        runner.load_task(data)
+        loads.append(time.perf_counter() - start)
+    images = np.random.default_rng(1).standard_normal((1, *runner.manifest["input_size"]), dtype=np.float32)
+    loaded = [runner.task(t) for t in tasks]
+    same, other = [], []
+    runner.run(images, loaded[0])
+    for i in range(repeats):
+        for sink, task in ((same, loaded[i % len(loaded)]), (other, loaded[(i + 1) % len(loaded)])):
+            start = time.perf_counter()
+            runner.run(images, task)
+            sink.append(time.perf_counter() - start)
+    return {
+        "read_task_file_s": statistics.median(loads),
+        "run_same_task_s": statistics.median(same),
+        "run_after_switch_s": statistics.median(other),
+        "switch_overhead_s": max(0.0, statistics.median(other) - statistics.median(same)),
+        "note": "a switch is reading the new task's file and feeding its arrays; nothing is rebuilt",
+    }
+
+
+def size_comparison(base: nn.Module, num_classes: int = 10, rank: int = 8) -> dict[str, Any]:
+    """Bytes of a RECAST-Att task file (fp32, fp16, int8) vs a PEFT LoRA adapter on ``qkv`` with its head.
+
+    ``base`` is a timm ViT (ViT-S for the figure in the issue); weights do not change any size.
+    """
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict  # deferred: optional, heavy
+
+    model = RecastModel.from_base(base, RecastConfig(target="att"))
+    model.add_task("task", num_classes)
+    recast_bytes = {d: len(packed_task_blob(model, "task", d)) for d in DTYPES}
+    plain = model.export("task")  # the base architecture with a num_classes head, as LoRA would use it
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["qkv"], modules_to_save=[model.head_name])
+    state = get_peft_model_state_dict(get_peft_model(plain, config))
+    lora_bytes = len(safetensors.torch.save({k: v.contiguous() for k, v in state.items()}))
+    return {
+        "num_classes": num_classes, "lora_rank": rank, "lora_tensors": len(state),
+        "recast_att_task_file_bytes": recast_bytes,
+        "lora_adapter_with_head_bytes": lora_bytes,
+        "lora_over_recast_int8": lora_bytes / recast_bytes["int8"],
+    }

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from torch import nn
 
 from recast import __version__
 from recast.data.transforms import data_config
-from recast.edge.device import IMAGES, MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION
+from recast.edge.device import IMAGES, MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, EdgeRunner
 from recast.edge.graph import TaskGraph, task_fits
 from recast.edge.pack import packed_task_blob
 from recast.errors import FileFormatError, TaskError
@@ -128,7 +129,9 @@ def onnx_bytes(
 ) -> bytes:
     """``module`` exported by the TorchScript-based ONNX exporter and checked by ``onnx.checker``."""
     buffer = io.BytesIO()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # timm's shape assertions are constant for a fixed image size: the trace stays correct
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
             module, args, buffer, input_names=input_names, output_names=[LOGITS], dynamic_axes=dynamic_axes,
             opset_version=opset, dynamo=False, do_constant_folding=True,
@@ -153,3 +156,28 @@ def _previous_files(out_dir: Path) -> set[str]:
     except (FileNotFoundError, ValueError, AttributeError):
         return set()
     return {name for name in files if isinstance(name, str) and ".." not in Path(name).parts and not Path(name).is_absolute()}
+
+
+def check_export(model: RecastModel, out_dir: str | Path, batch_sizes: tuple[int, ...] = (1, 3), seed: int = 0) -> dict[str, float]:
+    """Largest absolute difference, per task, between ONNX Runtime on ``out_dir`` and ``model``'s forward.
+
+    Random images of the graph's size, at every batch size in ``batch_sizes``; the model's active
+    task is restored afterwards.
+    """
+    runner = EdgeRunner(out_dir)
+    generator = torch.Generator().manual_seed(seed)
+    active, model = model.active_task, model.cpu().eval()
+    diffs: dict[str, float] = {}
+    try:
+        for task in runner.task_names:
+            model.set_task(task)
+            for batch in batch_sizes:
+                images = torch.randn(batch, *runner.manifest["input_size"], generator=generator)
+                with torch.no_grad():
+                    expected = model(images).numpy()
+                got = runner.run(images.numpy(), task)
+                diffs[task] = max(diffs.get(task, 0.0), float(abs(got - expected).max()))
+    finally:
+        if active is not None:
+            model.set_task(active)
+    return diffs

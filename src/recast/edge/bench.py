@@ -149,14 +149,17 @@ def _switch(model: RecastModel, runner: EdgeRunner, tasks: list[str], repeats: i
     }
 
 
-def size_comparison(base: nn.Module, num_classes: int = 10, rank: int = 8) -> dict[str, Any]:
+def size_comparison(
+    base: nn.Module, num_classes: int = 10, rank: int = 8, config: RecastConfig | None = None
+) -> dict[str, Any]:
     """Bytes of a RECAST-Att task file (fp32, fp16, int8) vs a PEFT LoRA adapter on ``qkv`` with its head.
 
-    ``base`` is a timm ViT (ViT-S for the figure in the issue); weights do not change any size.
+    ``base`` is a timm ViT (ViT-S for the figure in the issue; weights do not change any size);
+    ``config`` defaults to RECAST-Att with the default groups.
     """
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict  # deferred: optional, heavy
 
-    model = RecastModel.from_base(base, RecastConfig(target="att"))
+    model = RecastModel.from_base(base, config or RecastConfig(target="att"))
     model.add_task("task", num_classes)
     recast_bytes = {d: len(packed_task_blob(model, "task", d)) for d in DTYPES}
     plain = model.export("task")  # the base architecture with a num_classes head, as LoRA would use it

@@ -76,8 +76,12 @@ def test_edge_bench_measures_everything_in_one_run(tmp_path):
     assert json.loads((tmp_path / "edge.json").read_text()) == json.loads(json.dumps(result))
     for batch in ("1", "2"):
         medians = result["latency"][batch]["median_s"]
-        assert set(medians) == {"onnx_task_generic", "onnx_plain", "torch_eval"} and min(medians.values()) > 0
-    assert result["switch"]["read_task_file_s"] > 0
+        assert set(medians) == {"onnx_compose_at_switch", "onnx_compose_per_call", "onnx_plain", "torch_eval"}
+        assert min(medians.values()) > 0
+        ratio = result["latency"][batch]["onnx_compose_at_switch_over_plain"]
+        assert ratio == medians["onnx_compose_at_switch"] / medians["onnx_plain"]
+    assert set(result["switch"]) == {"at-switch", "per-call"}
+    assert all(s["load_task_file_s"] > 0 for s in result["switch"].values())
     files = result["bytes"]["task_files"]["a"]
     assert files["int8"] < files["fp16"] < files["fp32"] < result["bytes"]["graph_plain"]
     assert set(result["accuracy"]["a"]) == {"fp32", "fp16", "int8"}

@@ -26,10 +26,10 @@ def vit():
     return vit_model("att+mlp")
 
 
-@pytest.fixture(scope="module")
-def exported(vit, tmp_path_factory):
-    out = tmp_path_factory.mktemp("onnx")
-    export_onnx(vit, out)
+@pytest.fixture(scope="module", params=["at-switch", "per-call"])
+def exported(vit, tmp_path_factory, request):
+    out = tmp_path_factory.mktemp(request.param)
+    export_onnx(vit, out, compose=request.param)
     return out
 
 
@@ -49,11 +49,12 @@ def test_every_task_on_one_graph_equals_pytorch_at_two_batch_sizes(vit, exported
             expected = torch_logits(vit, task, images)
             assert got.shape == expected.shape == (batch, vit.tasks[task].num_classes)
             assert float(np.abs(got - expected).max()) < TOLERANCE
-    # the graph takes the coefficients from its inputs: task a's head with base's coefficients differs
+    # the coefficients do come from the task file: task a's head with base's coefficients differs
+    tensors = {**vit.task_tensors("a"), "coefficients": vit.task_tensors("base")["coefficients"]}
+    header = {"format": "recast-task", "format_version": "1", "fingerprint": vit.fingerprint, "task": "mixed"}
+    mixed = runner.load_task(safetensors.torch.save(tensors, header))
     images = torch.randn(2, 3, 16, 16).numpy()
-    mixed = {**runner.task("a").arrays, "coefficients": runner.task("base").arrays["coefficients"]}
-    session_out = runner.session.run(None, {"images": images, **mixed})[0]
-    assert float(np.abs(session_out - runner.run(images, "a")).max()) > 1e-3
+    assert float(np.abs(runner.run(images, mixed) - runner.run(images, "a")).max()) > 1e-3
 
 
 def test_the_graph_is_valid_onnx_with_task_inputs_and_a_dynamic_batch(exported):
@@ -61,15 +62,24 @@ def test_the_graph_is_valid_onnx_with_task_inputs_and_a_dynamic_batch(exported):
     graph = onnx.load(str(exported / manifest["graph"]))
     onnx.checker.check_model(graph, full_check=True)
     inputs = {i.name: i for i in graph.graph.input}
-    assert set(inputs) == {"images", "coefficients", "head.weight", "head.bias"}
     assert inputs["images"].type.tensor_type.shape.dim[0].dim_param  # named, i.e. dynamic
-    assert manifest["inputs"]["coefficients"] == [int(vit_coefficients(exported))]
     assert manifest["task_inputs"] == ["coefficients", "head.weight", "head.bias"]
+    assert manifest["inputs"]["coefficients"] == [len(EdgeRunner(exported).task("a").arrays["coefficients"])]
+    if manifest["compose"] == "per-call":
+        assert set(inputs) == {"images", "coefficients", "head.weight", "head.bias"}
+        assert manifest["compose_graph"] is None and set(manifest["files"]) == {"graph.onnx", *task_files(manifest)}
+    else:
+        compose = onnx.load(str(exported / manifest["compose_graph"]))
+        onnx.checker.check_model(compose, full_check=True)
+        assert [i.name for i in compose.graph.input] == ["coefficients"]
+        assert [o.name for o in compose.graph.output] == manifest["weight_inputs"]
+        assert set(inputs) == {"images", "head.weight", "head.bias", *manifest["weight_inputs"]}
+        assert len(manifest["weight_inputs"]) == 12  # qkv, fc1, fc2 of 4 blocks
+        assert set(manifest["files"]) == {"graph.onnx", "compose.onnx", *task_files(manifest)}
 
 
-def vit_coefficients(exported) -> int:
-    runner = EdgeRunner(exported)
-    return runner.task("a").arrays["coefficients"].shape[0]
+def task_files(manifest) -> set[str]:
+    return {entry["file"] for entry in manifest["tasks"].values()}
 
 
 def test_packed_task_files_run_on_the_graph_like_their_dequantised_model(vit, exported):
@@ -104,9 +114,10 @@ def test_shipped_backbones_and_a_conv_model_match_pytorch(tmp_path):
         model.add_task("a", 3)
         model.add_task("b", 6)
         perturb_tasks(model, scale=0.05).eval()
-        export_onnx(model, tmp_path / name)
-        diffs = check_export(model, tmp_path / name, batch_sizes=(1, 3))
-        assert set(diffs) == {"a", "b", "base"} and max(diffs.values()) < TOLERANCE, (name, diffs)
+        for mode in ("at-switch", "per-call"):
+            export_onnx(model, tmp_path / name / mode, compose=mode)
+            diffs = check_export(model, tmp_path / name / mode, batch_sizes=(1, 3))
+            assert set(diffs) == {"a", "b", "base"} and max(diffs.values()) < TOLERANCE, (name, mode, diffs)
 
 
 def test_efficientnet_lite0_pointwise_convolutions_by_pattern(tmp_path):
@@ -114,7 +125,7 @@ def test_efficientnet_lite0_pointwise_convolutions_by_pattern(tmp_path):
     model = RecastModel.from_base(load_backbone("effnet-lite0"), RecastConfig(target=["blocks.*.*.conv_pw"]))
     model.add_task("a", 3)
     perturb_tasks(model, scale=0.02).eval()
-    manifest = export_onnx(model, tmp_path, input_size=(3, 64, 64))
+    manifest = export_onnx(model, tmp_path, input_size=(3, 64, 64), compose="per-call")
     assert manifest["input_size"] == [3, 64, 64]
     diffs = check_export(model, tmp_path, batch_sizes=(1, 2))
     assert set(diffs) == {"a", "base"} and max(diffs.values()) < TOLERANCE

@@ -3,11 +3,13 @@
 :func:`edge_bench` exports a model twice (the task-generic graph and one task's plain graph) and
 measures, on this CPU with the same thread count for every contestant:
 
-- latency of the task-generic graph, the plain graph (both ONNX Runtime) and the PyTorch eval
-  forward, per batch size, as medians of interleaved repeats (one call of each in turn, so drifts in
-  machine load hit all three alike);
-- the task switch in ONNX Runtime: reading a delivered task file (parse, checks, dequantise) and the
-  extra time of the first run on another task over a run on the same task (both medians);
+- latency of the task-generic graph in both compose modes (``at-switch``: weights composed once
+  per task load and fed; ``per-call``: composed inside every call), the plain graph (all ONNX
+  Runtime) and the PyTorch eval forward, per batch size, as medians of interleaved repeats (one call
+  of each in turn, so drifts in machine load hit all alike);
+- the task switch in ONNX Runtime, per compose mode: loading a delivered task file (parse, checks,
+  dequantise, and the compose graph when composing at switch) and the extra time of the first run
+  on another loaded task over a run on the same task (both medians);
 - the bytes of both graphs and of every task file in every packed dtype;
 - with datasets: every task's test accuracy after a round trip through each packed dtype.
 
@@ -32,7 +34,7 @@ from torch import nn
 
 from recast.config import RecastConfig
 from recast.edge.device import EdgeRunner
-from recast.edge.export import GRAPH_FILE, export_onnx
+from recast.edge.export import COMPOSE_MODES, export_onnx
 from recast.edge.pack import packed_accuracy, packed_task_blob
 from recast.format.quantize import DTYPES
 from recast.io import atomic_write_json
@@ -61,16 +63,19 @@ def edge_bench(
     torch.set_num_threads(threads)
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            export_onnx(model, Path(tmp, "generic"))
+            runners = {}
+            for mode in COMPOSE_MODES:
+                export_onnx(model, Path(tmp, mode), compose=mode)
+                runners[mode] = EdgeRunner(Path(tmp, mode), threads)
             export_onnx(model, Path(tmp, "plain"), task=tasks[0])
-            generic, plain = EdgeRunner(Path(tmp, "generic"), threads), EdgeRunner(Path(tmp, "plain"), threads)
+            plain = EdgeRunner(Path(tmp, "plain"), threads)
             result: dict[str, Any] = {
                 "threads": threads, "repeats": repeats, "tasks": tasks,
-                "latency": {str(b): _latency(model, generic, plain, tasks[0], b, repeats) for b in batch_sizes},
-                "switch": _switch(model, generic, tasks, repeats),
+                "latency": {str(b): _latency(model, runners, plain, tasks[0], b, repeats) for b in batch_sizes},
+                "switch": {mode: _switch(model, runner, tasks, repeats) for mode, runner in runners.items()},
                 "bytes": {
-                    "graph_task_generic": Path(tmp, "generic", GRAPH_FILE).stat().st_size,
-                    "graph_plain": Path(tmp, "plain", GRAPH_FILE).stat().st_size,
+                    **{f"graphs_{mode}": _graph_bytes(Path(tmp, mode)) for mode in COMPOSE_MODES},
+                    "graph_plain": _graph_bytes(Path(tmp, "plain")),
                     "task_files": {t: {d: len(packed_task_blob(model, t, d)) for d in DTYPES} for t in tasks},
                 },
             }
@@ -83,30 +88,37 @@ def edge_bench(
     return result
 
 
-def _latency(model: RecastModel, generic: EdgeRunner, plain: EdgeRunner, task: str, batch: int, repeats: int) -> dict[str, Any]:
-    """Median seconds per call of the three contestants at one batch size, interleaved."""
-    size = generic.manifest["input_size"]
+def _graph_bytes(directory: Path) -> int:
+    """Bytes of the ONNX graphs in an exported directory (graph, and compose graph when there is one)."""
+    return sum(p.stat().st_size for p in directory.glob("*.onnx"))
+
+
+def _latency(
+    model: RecastModel, runners: dict[str, EdgeRunner], plain: EdgeRunner, task: str, batch: int, repeats: int
+) -> dict[str, Any]:
+    """Median seconds per call of every contestant at one batch size, interleaved, and ratios to the plain graph."""
+    size = plain.manifest["input_size"]
     images = np.random.default_rng(0).standard_normal((batch, *size), dtype=np.float32)
     tensor = torch.from_numpy(images)
     model.eval().set_task(task)
-    arrays = generic.task(task)
 
     def torch_forward() -> None:
         with torch.no_grad():
             model(tensor)
 
     calls: dict[str, Callable[[], Any]] = {
-        "onnx_task_generic": lambda: generic.run(images, arrays),
-        "onnx_plain": lambda: plain.run(images),
-        "torch_eval": torch_forward,
+        f"onnx_compose_{mode.replace('-', '_')}": _bound(runner, images, runner.task(task)) for mode, runner in runners.items()
     }
+    calls.update({"onnx_plain": lambda: plain.run(images), "torch_eval": torch_forward})
     times = _interleaved(calls, repeats)
     medians = {name: statistics.median(values) for name, values in times.items()}
-    return {
-        "median_s": medians,
-        "generic_over_plain": medians["onnx_task_generic"] / medians["onnx_plain"],
-        "generic_over_torch": medians["onnx_task_generic"] / medians["torch_eval"],
-    }
+    over_plain = {f"{name}_over_plain": value / medians["onnx_plain"] for name, value in medians.items() if name != "onnx_plain"}
+    return {"median_s": medians, **over_plain}
+
+
+def _bound(runner: EdgeRunner, images: np.ndarray, task: Any) -> Callable[[], Any]:
+    """A call of ``runner`` on fixed images and task (a closure per runner, not per loop variable)."""
+    return lambda: runner.run(images, task)
 
 
 def _interleaved(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
@@ -123,7 +135,7 @@ def _interleaved(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str,
 
 
 def _switch(model: RecastModel, runner: EdgeRunner, tasks: list[str], repeats: int) -> dict[str, Any]:
-    """Task switch in ONNX Runtime: reading a task file, and the first run on another task (batch 1)."""
+    """Task switch in ONNX Runtime: loading a task file, and the first run on another loaded task (batch 1)."""
     blobs = {t: packed_task_blob(model, t, "int8") for t in tasks}
     loads = []
     for i in range(repeats):
@@ -141,11 +153,12 @@ def _switch(model: RecastModel, runner: EdgeRunner, tasks: list[str], repeats: i
             runner.run(images, task)
             sink.append(time.perf_counter() - start)
     return {
-        "read_task_file_s": statistics.median(loads),
+        "load_task_file_s": statistics.median(loads),
         "run_same_task_s": statistics.median(same),
         "run_after_switch_s": statistics.median(other),
         "switch_overhead_s": max(0.0, statistics.median(other) - statistics.median(same)),
-        "note": "a switch is reading the new task's file and feeding its arrays; nothing is rebuilt",
+        "note": "loading reads, checks and dequantises the file (and composes the weights when composing at "
+                "switch); switching between loaded tasks is feeding other arrays; nothing is rebuilt",
     }
 
 

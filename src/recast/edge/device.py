@@ -9,14 +9,16 @@ for the task-generic graph, ``tasks/<name>.safetensors``. The manifest lists eve
 sha256: :class:`EdgeRunner` refuses a directory with a missing or altered file before it builds a
 session. A task file (from the directory or delivered later, written by ``recast pack``) is checked
 against the graph: format, backbone fingerprint, and the shape of every array the graph takes.
-Running a task is feeding its arrays; switching tasks is picking other arrays.
+Running a task is feeding its arrays; switching tasks is picking other arrays. When the export
+composes at switch (``compose.onnx`` in the manifest), loading a task also runs that small graph
+once to turn its coefficients into the generated weights, which are then fed like the head.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,11 @@ class EdgeError(Exception):
 
 @dataclass
 class EdgeTask:
-    """One task ready to feed: float32 arrays named as the graph's inputs, and what it is."""
+    """One task: its file's float32 arrays, what the graph is fed (``feeds``), and what it is.
+
+    ``feeds`` equals ``arrays`` when the graph composes the weights itself; with a compose graph it
+    holds the head and the generated weights composed once when the task was loaded.
+    """
 
     name: str
     arrays: dict[str, np.ndarray]
@@ -46,6 +52,7 @@ class EdgeTask:
     class_names: list[str] | None
     dtype: str
     file_bytes: int
+    feeds: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def sha256_file(path: Path) -> str:
@@ -172,6 +179,11 @@ class EdgeRunner:
             options.inter_op_num_threads = 1
         graph = (self.directory / self.manifest["graph"]).read_bytes()
         self.session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        compose = self.manifest.get("compose_graph")
+        self.composer = None
+        if compose:
+            data = (self.directory / compose).read_bytes()
+            self.composer = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         self._tasks: dict[str, EdgeTask] = {}
 
     @property
@@ -194,14 +206,24 @@ class EdgeRunner:
                 self._tasks[name] = EdgeTask(name, {}, entry["num_classes"], entry.get("class_names"), "fp32", 0)
             else:
                 path = self.directory / entry["file"]
-                self._tasks[name] = read_task(path.read_bytes(), self.manifest, str(path))
+                self._tasks[name] = self._prepare(read_task(path.read_bytes(), self.manifest, str(path)))
         return self._tasks[name]
 
     def load_task(self, data: bytes, source: str = "task file") -> EdgeTask:
         """A delivered task file (bytes), checked against this graph."""
         if not self.task_generic:
             raise EdgeError(f"{self.directory} holds one plain task's graph; task files need a task-generic export")
-        return read_task(data, self.manifest, source)
+        return self._prepare(read_task(data, self.manifest, source))
+
+    def _prepare(self, task: EdgeTask) -> EdgeTask:
+        """Fill ``task.feeds``: its arrays, or its head plus the weights the compose graph makes of them."""
+        if self.composer is None:
+            task.feeds = task.arrays
+        else:
+            weights = self.composer.run(None, {"coefficients": task.arrays["coefficients"]})
+            task.feeds = {k: v for k, v in task.arrays.items() if k != "coefficients"}
+            task.feeds.update(zip(self.manifest["weight_inputs"], weights, strict=True))
+        return task
 
     def run(self, images: np.ndarray, task: EdgeTask | str | None = None) -> np.ndarray:
         """Logits ``(B, classes)`` of ``task`` for float32 images ``(B, C, H, W)`` (already normalised)."""
@@ -209,7 +231,7 @@ class EdgeRunner:
         if self.task_generic:
             if task is None:
                 raise EdgeError("name the task to run: this graph serves several")
-            feeds.update((task if isinstance(task, EdgeTask) else self.task(task)).arrays)
+            feeds.update((task if isinstance(task, EdgeTask) else self.task(task)).feeds)
         return self.session.run(None, feeds)[0]
 
     def preprocess(self, pixels: np.ndarray) -> np.ndarray:

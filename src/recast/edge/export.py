@@ -4,12 +4,17 @@ Layout of the directory (read on the device by :mod:`recast.edge.device`)::
 
     manifest.json              format, kind, fingerprint, graph inputs, tasks, sha256 of every file
     graph.onnx                 the graph (task-generic or plain)
+    compose.onnx               task-generic, composing at switch: coefficients -> generated weights
     tasks/<name>.safetensors   task-generic only: each task's packed task file (see recast.edge.pack)
 
-The task-generic graph is :class:`recast.edge.graph.TaskGraph` exported with
-``torch.onnx.export(dynamo=False)``: inputs ``images`` (dynamic batch), ``coefficients`` (the task
-file's packed vector), ``<head>.weight`` and ``<head>.bias`` (dynamic number of classes); output
-``logits``. The plain graph is ``model.export(task)`` with one input ``images``. Every graph passes
+The task-generic graph is exported with ``torch.onnx.export(dynamo=False)`` in one of two modes
+(:mod:`recast.edge.graph`): ``per-call``, one graph with inputs ``images`` (dynamic batch),
+``coefficients`` (the task file's packed vector), ``<head>.weight`` and ``<head>.bias`` (dynamic
+number of classes) that composes the weights in every call; or ``at-switch`` (the default), where
+``compose.onnx`` turns the coefficients into the generated weights once when a task is loaded and
+``graph.onnx`` takes ``images``, the head and those weights (``weight.<layer>``). Either way the task
+file is the same and running a task is feeding arrays. The plain graph is ``model.export(task)``
+with one input ``images``. Every graph passes
 ``onnx.checker`` before it is written; the manifest is written last, so a directory whose manifest
 is complete has every file it lists.
 """
@@ -29,31 +34,35 @@ from torch import nn
 from recast import __version__
 from recast.data.transforms import data_config
 from recast.edge.device import IMAGES, MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, EdgeRunner
-from recast.edge.graph import TaskGraph, task_fits
+from recast.edge.graph import ComposeGraph, PrecomposedGraph, TaskGraph, task_fits
 from recast.edge.pack import packed_task_blob
-from recast.errors import FileFormatError, TaskError
+from recast.errors import ConfigError, FileFormatError, TaskError
 from recast.format.quantize import check_dtype
 from recast.io import atomic_write_bytes, atomic_write_json, sha256_hex
 from recast.model import RecastModel
 
 GRAPH_FILE = "graph.onnx"
+COMPOSE_FILE = "compose.onnx"
+COMPOSE_MODES = ("at-switch", "per-call")
 LOGITS = "logits"
 OPSET = 17
 
 
 def export_onnx(
     model: RecastModel, out_dir: str | Path, *, task: str | None = None, dtype: str = "fp32", opset: int = OPSET,
-    input_size: tuple[int, int, int] | None = None,
+    input_size: tuple[int, int, int] | None = None, compose: str = "at-switch",
 ) -> dict[str, Any]:
     """Write ``out_dir`` (see the module docstring) and return its manifest.
 
     Without ``task``: the task-generic graph plus every task it can serve, packed as ``dtype``
     (tasks it cannot serve are listed under ``skipped`` with the reason). With ``task``: that task's
-    plain graph. The graph's image size is the model's data config's (``input_size`` overrides it,
+    plain graph. ``compose`` is ``at-switch`` or ``per-call`` (see the module docstring). The graph's image size is the model's data config's (``input_size`` overrides it,
     e.g. a CNN at another resolution); the batch size is free. An existing ``out_dir`` is replaced
     only when it is an earlier export.
     """
     check_dtype(dtype)
+    if compose not in COMPOSE_MODES:
+        raise ConfigError(f"unknown compose mode {compose!r}; use one of: {', '.join(COMPOSE_MODES)}")
     out_dir = Path(out_dir)
     _check_target(out_dir)
     model = model.cpu().eval()
@@ -62,7 +71,7 @@ def export_onnx(
     if task is not None:
         files, manifest = _plain(model, task, size, opset)
     else:
-        files, manifest = _task_generic(model, dtype, size, opset)
+        files, manifest = _task_generic(model, dtype, size, opset, compose)
     manifest.update({
         "format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION, "library_version": __version__,
         "fingerprint": model.fingerprint, "graph": GRAPH_FILE, "opset": opset,
@@ -78,8 +87,10 @@ def export_onnx(
     return manifest
 
 
-def _task_generic(model: RecastModel, dtype: str, size: tuple[int, ...], opset: int) -> tuple[dict[str, bytes], dict[str, Any]]:
-    """The task-generic graph and every task file it serves."""
+def _task_generic(
+    model: RecastModel, dtype: str, size: tuple[int, ...], opset: int, compose: str
+) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """The task-generic graph (and compose graph) and every task file it serves."""
     graph = TaskGraph(model)
     head = model.head_name
     task_inputs = ["coefficients", f"{head}.weight", f"{head}.bias"]
@@ -91,7 +102,15 @@ def _task_generic(model: RecastModel, dtype: str, size: tuple[int, ...], opset: 
     args = (torch.zeros(2, *size), *(example[name] for name in task_inputs))
     dynamic = {IMAGES: {0: "batch"}, task_inputs[1]: {0: "classes"}, task_inputs[2]: {0: "classes"},
                LOGITS: {0: "batch", 1: "classes"}}
-    files = {GRAPH_FILE: onnx_bytes(graph, args, [IMAGES, *task_inputs], dynamic, opset)}
+    if compose == "per-call":
+        files = {GRAPH_FILE: onnx_bytes(graph, args, [IMAGES, *task_inputs], dynamic, opset)}
+    else:
+        weights = tuple(graph.compose(args[1]))
+        files = {
+            COMPOSE_FILE: onnx_bytes(ComposeGraph(graph), (args[1],), task_inputs[:1], {}, opset, graph.weight_names),
+            GRAPH_FILE: onnx_bytes(PrecomposedGraph(graph), (args[0], *args[2:], *weights),
+                                   [IMAGES, *task_inputs[1:], *graph.weight_names], dynamic, opset),
+        }
     records: dict[str, Any] = {}
     for name in tasks:
         file = f"tasks/{name}.safetensors"
@@ -100,7 +119,9 @@ def _task_generic(model: RecastModel, dtype: str, size: tuple[int, ...], opset: 
         records[name] = {"file": file, "num_classes": info.num_classes, "class_names": info.class_names, "dtype": dtype}
     features = example[task_inputs[1]].shape[1]
     manifest = {
-        "kind": "task-generic", "task_inputs": task_inputs, "tasks": records,
+        "kind": "task-generic", "task_inputs": task_inputs, "tasks": records, "compose": compose,
+        "compose_graph": COMPOSE_FILE if compose == "at-switch" else None,
+        "weight_inputs": graph.weight_names if compose == "at-switch" else [],
         "skipped": {k: v for k, v in servable.items() if v is not None},
         "inputs": {IMAGES: [None, *size], task_inputs[0]: [graph.coefficient_count],
                    task_inputs[1]: [None, features], task_inputs[2]: [None]},
@@ -125,7 +146,7 @@ def _plain(model: RecastModel, task: str, size: tuple[int, ...], opset: int) -> 
 
 def onnx_bytes(
     module: nn.Module, args: tuple[torch.Tensor, ...], input_names: list[str], dynamic_axes: dict[str, dict[int, str]],
-    opset: int = OPSET,
+    opset: int = OPSET, output_names: list[str] | None = None,
 ) -> bytes:
     """``module`` exported by the TorchScript-based ONNX exporter and checked by ``onnx.checker``."""
     buffer = io.BytesIO()
@@ -133,7 +154,7 @@ def onnx_bytes(
         # timm's shape assertions are constant for a fixed image size: the trace stays correct
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
-            module, args, buffer, input_names=input_names, output_names=[LOGITS], dynamic_axes=dynamic_axes,
+            module, args, buffer, input_names=input_names, output_names=output_names or [LOGITS], dynamic_axes=dynamic_axes,
             opset_version=opset, dynamo=False, do_constant_folding=True,
         )
     data = buffer.getvalue()

@@ -9,6 +9,12 @@ graph serves every task with the same backbone, whatever its number of classes.
 Per bank the composition is one gather, one mean and one matrix product
 (``W[l] = mean_k alpha[l, k] @ T``, REFERENCE 1, as :func:`recast.bank.compose`). Linear templates are
 stored transposed, so the generated weight multiplies the input directly without a transpose.
+
+Composing can also happen once per task switch instead of in every call: :class:`ComposeGraph`
+(coefficients in, generated weights out) runs when a task is loaded and :class:`PrecomposedGraph`
+(the same network, fed those weights) runs per batch. Which is faster depends on the model: composing
+reads every template per call, while weights that arrive as inputs lose ONNX Runtime's ahead-of-time
+weight packing; the edge benchmark measures both.
 """
 
 from __future__ import annotations
@@ -69,6 +75,7 @@ class _BankSlots:
     """One bank's layers: where each layer's ``(K, n)`` coefficients sit in the packed vector."""
 
     buffer: str  # name of the templates buffer, (n, weight numel)
+    names: list[str]  # the layers' module names inside the network
     modules: list[nn.Module]
     shapes: list[tuple[int, ...]]
     index: Tensor  # (L*K*n,) positions in the packed vector, layer by layer
@@ -95,13 +102,12 @@ class TaskGraph(nn.Module):
         self.net = copy.deepcopy(model.net, memo)
         self.head_name = model.head_name
         bank_keys = {id(bank): key for key, bank in model.banks.items()}
-        layers: dict[str, list[tuple[nn.Module, GeneratedWeight, int]]] = {}
+        layers: dict[str, list[tuple[str, nn.Module, GeneratedWeight, int]]] = {}
         offset = 0
         for name, module in list(model.task_modules()):
-            original = module
             if isinstance(module, GeneratedWeight):
                 replacement: nn.Module = InputLinear(module.bias) if isinstance(module, GeneratedLinear) else InputConv2d(module)
-                layers.setdefault(bank_keys[id(module.bank)], []).append((replacement, original, offset))
+                layers.setdefault(bank_keys[id(module.bank)], []).append((name, replacement, module, offset))
                 offset += module.mimicry.numel()
             elif isinstance(module, TaskHead):
                 replacement = InputHead()
@@ -123,31 +129,69 @@ class TaskGraph(nn.Module):
         self.net.requires_grad_(False).eval()
 
     def _bank_slots(
-        self, position: int, model: RecastModel, key: str, entries: list[tuple[nn.Module, GeneratedWeight, int]]
+        self, position: int, model: RecastModel, key: str, entries: list[tuple[str, nn.Module, GeneratedWeight, int]]
     ) -> _BankSlots:
         templates = model.banks[key].templates.detach().to(torch.float32)
         if templates.dim() == 3:  # linear (n, out, in) -> (n, in, out): the weight multiplies directly
             templates = templates.transpose(1, 2)
         buffer = f"templates_{position}"
         self.register_buffer(buffer, templates.reshape(templates.shape[0], -1).contiguous())
-        k, n = entries[0][1].mimicry.shape
-        index = torch.cat([torch.arange(start, start + k * n) for _, _, start in entries])
-        return _BankSlots(buffer, [e[0] for e in entries], [tuple(templates.shape[1:])] * len(entries), index, k, n)
+        k, n = entries[0][2].mimicry.shape
+        index = torch.cat([torch.arange(start, start + k * n) for *_, start in entries])
+        shapes = [tuple(templates.shape[1:])] * len(entries)
+        return _BankSlots(buffer, [e[0] for e in entries], [e[1] for e in entries], shapes, index, k, n)
 
-    def forward(self, images: Tensor, coefficients: Tensor, head_weight: Tensor, head_bias: Tensor) -> Tensor:
-        """Logits of the task whose packed coefficients and head are given, for a batch of images."""
+    @property
+    def weight_names(self) -> list[str]:
+        """Names of the generated weights, in the order :meth:`compose` returns them (``weight.<layer>``)."""
+        return [f"weight.{name}" for slots in self.banks for name in slots.names]
+
+    def compose(self, coefficients: Tensor) -> list[Tensor]:
+        """Every generated weight of the task whose packed coefficients are given (linear ones transposed)."""
+        out = []
         for slots in self.banks:
             mix = coefficients[slots.index].reshape(len(slots.modules), slots.coef_sets, slots.templates).mean(dim=1)
             weights = mix.matmul(getattr(self, slots.buffer))  # (L, weight numel)
-            for j, (module, shape) in enumerate(zip(slots.modules, slots.shapes, strict=True)):
-                weight = weights[j].reshape(shape)
-                if isinstance(module, InputLinear):
-                    module.weight_t = weight
-                else:
-                    module.weight = weight
+            out += [weights[j].reshape(shape) for j, shape in enumerate(slots.shapes)]
+        return out
+
+    def run_with(self, images: Tensor, weights: list[Tensor], head_weight: Tensor, head_bias: Tensor) -> Tensor:
+        """Logits for ``images`` with the generated ``weights`` (as :meth:`compose` gives them) and the head."""
+        modules = [module for slots in self.banks for module in slots.modules]
+        for module, weight in zip(modules, weights, strict=True):
+            if isinstance(module, InputLinear):
+                module.weight_t = weight
+            else:
+                module.weight = weight
         head = self.net.get_submodule(self.head_name)
         head.weight, head.bias = head_weight, head_bias
         return self.net(images)
+
+    def forward(self, images: Tensor, coefficients: Tensor, head_weight: Tensor, head_bias: Tensor) -> Tensor:
+        """Logits of the task whose packed coefficients and head are given, for a batch of images."""
+        return self.run_with(images, self.compose(coefficients), head_weight, head_bias)
+
+
+class ComposeGraph(nn.Module):
+    """``coefficients -> generated weights``: run once per task switch when composing ahead of time."""
+
+    def __init__(self, graph: TaskGraph) -> None:
+        super().__init__()
+        self.graph = graph
+
+    def forward(self, coefficients: Tensor) -> tuple[Tensor, ...]:
+        return tuple(self.graph.compose(coefficients))
+
+
+class PrecomposedGraph(nn.Module):
+    """``(images, head weight, head bias, *generated weights) -> logits``: the backbone fed composed weights."""
+
+    def __init__(self, graph: TaskGraph) -> None:
+        super().__init__()
+        self.graph = graph
+
+    def forward(self, images: Tensor, head_weight: Tensor, head_bias: Tensor, *weights: Tensor) -> Tensor:
+        return self.graph.run_with(images, list(weights), head_weight, head_bias)
 
 
 def task_fits(model: RecastModel, name: str) -> str | None:

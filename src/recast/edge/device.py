@@ -227,6 +227,9 @@ class EdgeRunner:
 
     def run(self, images: np.ndarray, task: EdgeTask | str | None = None) -> np.ndarray:
         """Logits ``(B, classes)`` of ``task`` for float32 images ``(B, C, H, W)`` (already normalised)."""
+        want = self.manifest["inputs"][IMAGES][1:]
+        if np.ndim(images) != 4 or list(np.shape(images)[1:]) != want:
+            raise EdgeError(f"images must be (batch, {', '.join(map(str, want))}), got {list(np.shape(images))}")
         feeds = {IMAGES: np.ascontiguousarray(images, dtype=np.float32)}
         if self.task_generic:
             if task is None:

@@ -33,7 +33,7 @@ from torch import nn
 
 from recast import __version__
 from recast.data.transforms import data_config
-from recast.edge.device import IMAGES, MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, EdgeRunner
+from recast.edge.device import IMAGES, MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, EdgeError, EdgeRunner
 from recast.edge.graph import ComposeGraph, PrecomposedGraph, TaskGraph, task_fits
 from recast.edge.pack import packed_task_blob
 from recast.errors import ConfigError, FileFormatError, TaskError
@@ -185,7 +185,10 @@ def check_export(model: RecastModel, out_dir: str | Path, batch_sizes: tuple[int
     Random images of the graph's size, at every batch size in ``batch_sizes``; the model's active
     task is restored afterwards.
     """
-    runner = EdgeRunner(out_dir)
+    try:
+        runner = EdgeRunner(out_dir)
+    except EdgeError as exc:
+        raise FileFormatError(str(exc)) from None
     generator = torch.Generator().manual_seed(seed)
     active, model = model.active_task, model.cpu().eval()
     diffs: dict[str, float] = {}

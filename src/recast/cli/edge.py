@@ -82,8 +82,9 @@ def _register_bench(subparsers: argparse._SubParsersAction) -> None:
 
 def _load(directory: str) -> Any:
     """A RECAST model directory; baselines (no templates) have no task-generic graph or packed files."""
+    from recast.format import CONFIG_FILE
     from recast.methods import load_method
-    from recast.model import CONFIG_FILE, RecastModel
+    from recast.model import RecastModel
 
     if not (Path(directory) / CONFIG_FILE).is_file():
         raise FileFormatError(f"{directory}: not a recast model directory (no {CONFIG_FILE})")

@@ -21,6 +21,7 @@ is complete has every file it lists.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import warnings
@@ -38,7 +39,7 @@ from recast.edge.graph import ComposeGraph, PrecomposedGraph, TaskGraph, task_fi
 from recast.edge.pack import packed_task_blob
 from recast.errors import ConfigError, FileFormatError, TaskError
 from recast.format.quantize import check_dtype
-from recast.io import atomic_write_bytes, atomic_write_json, sha256_hex
+from recast.io import atomic_write_bytes, atomic_write_json
 from recast.model import RecastModel
 
 GRAPH_FILE = "graph.onnx"
@@ -76,7 +77,7 @@ def export_onnx(
         "format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION, "library_version": __version__,
         "fingerprint": model.fingerprint, "graph": GRAPH_FILE, "opset": opset,
         "input_size": list(size), "mean": list(config["mean"]), "std": list(config["std"]),
-        "files": {name: {"sha256": sha256_hex(data), "bytes": len(data)} for name, data in files.items()},
+        "files": {name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)} for name, data in files.items()},
     })
     previous = _previous_files(out_dir)
     for name, data in files.items():

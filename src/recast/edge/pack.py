@@ -14,31 +14,25 @@ import json
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 from torch import Tensor
 
-from recast.errors import FileFormatError, TaskError
+from recast.errors import FileFormatError
 from recast.format.quantize import DTYPES, check_dtype, dequantize_tensors, quantize_tensors
+from recast.format.records import check_task_header, decode, encode, task_header
 from recast.io import atomic_write_bytes
-from recast.model import FORMAT_VERSION, RecastModel
+from recast.model import RecastModel
 from recast.train import evaluate
-
-TASK_FORMAT = "recast-task"
 
 
 def packed_task_blob(model: RecastModel, name: str, dtype: str) -> bytes:
     """Task ``name``'s file as bytes, its tensors stored as ``dtype`` (``fp32``, ``fp16`` or ``int8``)."""
     check_dtype(dtype)
-    if name not in model.tasks:
-        raise TaskError(f"no task named {name!r}; existing tasks: {', '.join(sorted(model.tasks)) or 'none'}")
+    model.require_task(name)
     info = model.tasks[name]
-    meta = {
-        "format": TASK_FORMAT, "format_version": FORMAT_VERSION, "fingerprint": model.fingerprint, "task": name,
-        "dtype": dtype, "num_classes": str(info.num_classes),
-    }
+    header = {**task_header(name, model.fingerprint, dtype), "dtype": dtype, "num_classes": str(info.num_classes)}
     if info.class_names:
-        meta["class_names"] = json.dumps(info.class_names)
-    return safetensors.torch.save(quantize_tensors(model.task_tensors(name), dtype), meta)
+        header["class_names"] = json.dumps(info.class_names)
+    return encode(quantize_tensors(model.task_tensors(name), dtype), header)
 
 
 def write_packed_task(model: RecastModel, name: str, dtype: str, out: str | Path) -> dict[str, Any]:
@@ -54,32 +48,12 @@ def read_packed_task(model: RecastModel, data: bytes, source: str = "task file")
     Refused with a ``FileFormatError`` naming ``source``: not a task file, another format version,
     another backbone (fingerprint), tensors that do not dequantise.
     """
+    tensors, header = decode(Path(source), data)
+    check_task_header(Path(source), header, model.fingerprint)
     try:
-        tensors = safetensors.torch.load(data)
-        meta = _metadata(data)
-    except Exception as exc:  # safetensors raises several types for corrupt input
-        raise FileFormatError(f"{source}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
-    if meta.get("format") != TASK_FORMAT:
-        raise FileFormatError(f"{source}: not a recast task file (its metadata has no format {TASK_FORMAT!r})")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise FileFormatError(f"{source}: format version {meta.get('format_version')!r}, this library reads {FORMAT_VERSION}")
-    if meta.get("fingerprint") != model.fingerprint:
-        raise FileFormatError(
-            f"{source}: made for another backbone (bank fingerprint {str(meta.get('fingerprint'))[:12]}..., "
-            f"this model's is {model.fingerprint[:12]}...); load it with the backbone it was trained on"
-        )
-    try:
-        return meta.get("task", ""), dequantize_tensors(tensors)
+        return header.get("task", ""), dequantize_tensors(tensors)
     except FileFormatError as exc:
         raise FileFormatError(f"{source}: {exc}") from None
-
-
-def _metadata(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` strings of a safetensors blob (8-byte header length, then JSON)."""
-    length = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + length])
-    metadata = header.get("__metadata__") if isinstance(header, dict) else None
-    return {k: v for k, v in metadata.items() if isinstance(v, str)} if isinstance(metadata, dict) else {}
 
 
 def with_task_tensors(model: RecastModel, name: str, tensors: dict[str, Tensor]) -> RecastModel:

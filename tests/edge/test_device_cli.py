@@ -10,7 +10,7 @@ import torch
 
 from recast import RecastConfig
 from recast.cli import main
-from recast.edge.bench import edge_bench, size_comparison
+from recast.edge.bench import edge_bench, markdown_table, size_comparison
 from recast.edge.export import export_onnx
 from recast.edge.pack import write_packed_task
 from tests.edge.common import vit_model
@@ -85,6 +85,9 @@ def test_edge_bench_measures_everything_in_one_run(tmp_path):
     files = result["bytes"]["task_files"]["a"]
     assert files["int8"] < files["fp16"] < files["fp32"] < result["bytes"]["graph_plain"]
     assert set(result["accuracy"]["a"]) == {"fp32", "fp16", "int8"}
+    table = markdown_table(result)
+    assert f"{files['int8']:,} B, acc {result['accuracy']['a']['int8']['accuracy']:.4f}" in table
+    assert table.count("\n| ") >= 2 + 2 + 2  # two batch sizes, two compose modes, two tasks
 
 
 def test_size_comparison_against_lora_with_its_head():

@@ -130,7 +130,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from recast.edge.bench import edge_bench, size_comparison
+    from recast.edge.bench import edge_bench, markdown_table, size_comparison
 
     model = _load(args.directory)
     datasets = _datasets(model, args.data)
@@ -144,6 +144,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         result["sizes"] = size_comparison(timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=10))
     atomic_write_json(out, result)
     print(json.dumps(result, indent=2, sort_keys=True))
+    print(markdown_table(result))
     print(f"wrote {out}")
     return 0
 

@@ -72,7 +72,7 @@ def edge_bench(
             result: dict[str, Any] = {
                 "threads": threads, "repeats": repeats, "tasks": tasks,
                 "latency": {str(b): _latency(model, runners, plain, tasks[0], b, repeats) for b in batch_sizes},
-                "switch": {mode: _switch(model, runner, tasks, repeats) for mode, runner in runners.items()},
+                "switch": {mode: _switch(model, runner, repeats) for mode, runner in runners.items()},
                 "bytes": {
                     **{f"graphs_{mode}": _graph_bytes(Path(tmp, mode)) for mode in COMPOSE_MODES},
                     "graph_plain": _graph_bytes(Path(tmp, "plain")),
@@ -134,8 +134,10 @@ def _interleaved(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str,
     return times
 
 
-def _switch(model: RecastModel, runner: EdgeRunner, tasks: list[str], repeats: int) -> dict[str, Any]:
-    """Task switch in ONNX Runtime: loading a task file, and the first run on another loaded task (batch 1)."""
+def _switch(model: RecastModel, runner: EdgeRunner, repeats: int) -> dict[str, Any]:
+    """Task switch in ONNX Runtime over every task the graph serves: loading a task file, and the first
+    run on another loaded task over a run on the same one (batch 1)."""
+    tasks = runner.task_names
     blobs = {t: packed_task_blob(model, t, "int8") for t in tasks}
     loads = []
     for i in range(repeats):
@@ -185,3 +187,28 @@ def size_comparison(
         "lora_adapter_with_head_bytes": lora_bytes,
         "lora_over_recast_int8": lora_bytes / recast_bytes["int8"],
     }
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The latency, switch, bytes and accuracy of an :func:`edge_bench` result as Markdown tables."""
+    lines = ["| batch | ONNX, compose at switch | ONNX, compose per call | ONNX plain | PyTorch eval | at switch / plain |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for batch, row in result["latency"].items():
+        m = row["median_s"]
+        lines.append(f"| {batch} | {1000 * m['onnx_compose_at_switch']:.2f} ms | {1000 * m['onnx_compose_per_call']:.2f} ms | "
+                     f"{1000 * m['onnx_plain']:.2f} ms | {1000 * m['torch_eval']:.2f} ms | "
+                     f"{row['onnx_compose_at_switch_over_plain']:.2f} |")
+    lines += ["", "| compose | load a task file | first run after a switch, over a run on the same task |", "|---|---:|---:|"]
+    for mode, row in result["switch"].items():
+        lines.append(f"| {mode} | {1000 * row['load_task_file_s']:.3f} ms | {1000 * row['switch_overhead_s']:.3f} ms |")
+    lines += ["", "| task | fp32 | fp16 | int8 |", "|---|---:|---:|---:|"]
+    accuracy = result.get("accuracy", {})
+    for task, sizes in result["bytes"]["task_files"].items():
+        cells = []
+        for dtype in DTYPES:
+            text = f"{sizes[dtype]:,} B"
+            if task in accuracy:
+                text += f", acc {accuracy[task][dtype]['accuracy']:.4f}"
+            cells.append(text)
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

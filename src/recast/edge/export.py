@@ -57,16 +57,17 @@ def export_onnx(
 
     Without ``task``: the task-generic graph plus every task it can serve, packed as ``dtype``
     (tasks it cannot serve are listed under ``skipped`` with the reason). With ``task``: that task's
-    plain graph. ``compose`` is ``at-switch`` or ``per-call`` (see the module docstring). The graph's image size is the model's data config's (``input_size`` overrides it,
-    e.g. a CNN at another resolution); the batch size is free. An existing ``out_dir`` is replaced
-    only when it is an earlier export.
+    plain graph. ``compose`` is ``at-switch`` or ``per-call`` (see the module docstring). The
+    graph's image size is the model's data config's (``input_size`` overrides it, e.g. a CNN at
+    another resolution); the batch size is free. ``model`` itself is not changed (the graphs are
+    traced from copies, on the CPU). An existing ``out_dir`` is replaced only when it is an earlier
+    export.
     """
     check_dtype(dtype)
     if compose not in COMPOSE_MODES:
         raise ConfigError(f"unknown compose mode {compose!r}; use one of: {', '.join(COMPOSE_MODES)}")
     out_dir = Path(out_dir)
     _check_target(out_dir)
-    model = model.cpu().eval()
     config = data_config(model.net)
     size = tuple(input_size or config["input_size"])
     if task is not None:
@@ -92,14 +93,14 @@ def _task_generic(
     model: RecastModel, dtype: str, size: tuple[int, ...], opset: int, compose: str
 ) -> tuple[dict[str, bytes], dict[str, Any]]:
     """The task-generic graph (and compose graph) and every task file it serves."""
-    graph = TaskGraph(model)
+    graph = TaskGraph(model).cpu()
     head = model.head_name
     task_inputs = ["coefficients", f"{head}.weight", f"{head}.bias"]
     servable = {name: task_fits(model, name) for name in model.tasks}
     tasks = [name for name, reason in servable.items() if reason is None]
     if not tasks:
         raise TaskError("no task of this model fits a task-generic graph: " + "; ".join(f"{k}: {v}" for k, v in servable.items()))
-    example = model.task_tensors(tasks[0])
+    example = {k: v.cpu() for k, v in model.task_tensors(tasks[0]).items()}
     args = (torch.zeros(2, *size), *(example[name] for name in task_inputs))
     dynamic = {IMAGES: {0: "batch"}, task_inputs[1]: {0: "classes"}, task_inputs[2]: {0: "classes"},
                LOGITS: {0: "batch", 1: "classes"}}
@@ -134,7 +135,7 @@ def _plain(model: RecastModel, task: str, size: tuple[int, ...], opset: int) -> 
     """Task ``task``'s plain graph (the exported model): images in, logits out."""
     if task not in model.tasks:
         raise TaskError(f"no task named {task!r}; existing tasks: {', '.join(sorted(model.tasks)) or 'none'}")
-    net = model.export(task).eval()
+    net = model.export(task).cpu().eval()
     graph = onnx_bytes(net, (torch.zeros(2, *size),), [IMAGES], {IMAGES: {0: "batch"}, LOGITS: {0: "batch"}}, opset)
     info = model.tasks[task]
     manifest = {
@@ -183,26 +184,29 @@ def _previous_files(out_dir: Path) -> set[str]:
 def check_export(model: RecastModel, out_dir: str | Path, batch_sizes: tuple[int, ...] = (1, 3), seed: int = 0) -> dict[str, float]:
     """Largest absolute difference, per task, between ONNX Runtime on ``out_dir`` and ``model``'s forward.
 
-    Random images of the graph's size, at every batch size in ``batch_sizes``; the model's active
-    task is restored afterwards.
+    Random images of the graph's size, at every batch size in ``batch_sizes``, through the model in
+    evaluation mode on its own device; its active task and training mode are restored afterwards.
     """
     try:
         runner = EdgeRunner(out_dir)
     except EdgeError as exc:
         raise FileFormatError(str(exc)) from None
     generator = torch.Generator().manual_seed(seed)
-    active, model = model.active_task, model.cpu().eval()
+    active, was_training = model.active_task, model.training
+    device = next(model.parameters()).device
     diffs: dict[str, float] = {}
+    model.eval()
     try:
         for task in runner.task_names:
             model.set_task(task)
             for batch in batch_sizes:
                 images = torch.randn(batch, *runner.manifest["input_size"], generator=generator)
                 with torch.no_grad():
-                    expected = model(images).numpy()
+                    expected = model(images.to(device)).cpu().numpy()
                 got = runner.run(images.numpy(), task)
                 diffs[task] = max(diffs.get(task, 0.0), float(abs(got - expected).max()))
     finally:
+        model.train(was_training)
         if active is not None:
             model.set_task(active)
     return diffs

@@ -12,8 +12,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-from recast.errors import ConfigError, FileFormatError, TaskError
+import timm
+
+from recast import train
+from recast.data import open_data
+from recast.data.transforms import data_config, transforms_for
+from recast.edge.bench import edge_bench, markdown_table, size_comparison
+from recast.edge.export import check_export, export_onnx
+from recast.edge.pack import packed_task_blob, write_packed_task
+from recast.errors import ConfigError
 from recast.io import atomic_write_json
+from recast.model import RecastModel
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -82,24 +91,15 @@ def _register_bench(subparsers: argparse._SubParsersAction) -> None:
 
 def _load(directory: str) -> Any:
     """A RECAST model directory; baselines (no templates) have no task-generic graph or packed files."""
-    from recast.format import CONFIG_FILE
-    from recast.methods import load_method
-    from recast.model import RecastModel
-
-    if not (Path(directory) / CONFIG_FILE).is_file():
-        raise FileFormatError(f"{directory}: not a recast model directory (no {CONFIG_FILE})")
-    model = load_method(directory)
+    model = train.load_model(directory)
     if not isinstance(model, RecastModel):
         raise ConfigError(f"{directory} holds a {type(model).__name__} baseline; pack and export work on RECAST models")
     return model
 
 
 def _cmd_pack(args: argparse.Namespace) -> int:
-    from recast.edge.pack import packed_task_blob, write_packed_task
-
     model = _load(args.directory)
-    if args.task not in model.tasks:
-        raise TaskError(f"no task named {args.task!r}; existing tasks: {', '.join(sorted(model.tasks)) or 'none'}")
+    train.require_task(model, args.task)
     written = write_packed_task(model, args.task, args.dtype, args.out)
     written["fp32_bytes"] = len(packed_task_blob(model, args.task, "fp32"))
     if args.json:
@@ -111,8 +111,6 @@ def _cmd_pack(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from recast.edge.export import check_export, export_onnx
-
     model = _load(args.directory)
     size = (3, *args.input_size) if args.input_size else None
     manifest = export_onnx(model, args.onnx, task=args.task, dtype=args.dtype, input_size=size, compose=args.compose)
@@ -130,8 +128,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from recast.edge.bench import edge_bench, markdown_table, size_comparison
-
     model = _load(args.directory)
     datasets = _datasets(model, args.data)
     out = args.out or Path("results", "edge", f"{Path(args.directory).resolve().name}.json")
@@ -139,8 +135,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                         threads=args.threads, datasets=datasets)
     result["model"] = args.directory
     if args.sizes:
-        import timm  # deferred: only this option builds a ViT-S
-
         result["sizes"] = size_comparison(timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=10))
     atomic_write_json(out, result)
     print(json.dumps(result, indent=2, sort_keys=True))
@@ -151,10 +145,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _datasets(model: Any, pairs: list[str]) -> dict[str, Any]:
     """``TASK=SPEC`` pairs opened as each task's test split with the model's evaluation transform."""
-    from recast.data import open_data
-    from recast.data.transforms import data_config, transforms_for
-    from recast.train import check_classes
-
     datasets = {}
     for pair in pairs:
         task, sep, spec = pair.partition("=")
@@ -163,6 +153,6 @@ def _datasets(model: Any, pairs: list[str]) -> dict[str, Any]:
         transform = transforms_for(model.net, train=False)
         splits = open_data(spec, train_transform=transform, eval_transform=transform,
                            input_shape=tuple(data_config(model.net)["input_size"]))
-        check_classes(model, task, splits.classes)
+        train.check_classes(model, task, splits.classes)
         datasets[task] = splits.test
     return datasets

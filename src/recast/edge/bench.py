@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import safetensors.torch
 import torch
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from torch import nn
 
 from recast.config import RecastConfig
@@ -172,8 +173,6 @@ def size_comparison(
     ``base`` is a timm ViT (ViT-S for the figure in the issue; weights do not change any size);
     ``config`` defaults to RECAST-Att with the default groups.
     """
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict  # deferred: optional, heavy
-
     model = RecastModel.from_base(base, config or RecastConfig(target="att"))
     model.add_task("task", num_classes)
     recast_bytes = {d: len(packed_task_blob(model, "task", d)) for d in DTYPES}

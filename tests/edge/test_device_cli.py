@@ -66,6 +66,10 @@ def test_pack_and_export_commands(tmp_path, capsys):
     assert printed["manifest"]["kind"] == "task-generic" and max(printed["max_abs_diff"].values()) < 1e-4
     assert main(["pack", str(tmp_path / "model"), "--task", "nope", "--dtype", "fp16", "--out", str(out)]) == 2
     assert "no task named 'nope'" in capsys.readouterr().err
+    bench = tmp_path / "edge.json"
+    assert main(["edge-bench", str(tmp_path / "model"), "--tasks", "a", "--repeats", "1", "--batch-sizes", "1",
+                 "--threads", "1", "--out", str(bench)]) == 0
+    assert "| a | " in capsys.readouterr().out and json.loads(bench.read_text())["model"] == str(tmp_path / "model")
 
 
 def test_edge_bench_measures_everything_in_one_run(tmp_path):

@@ -26,7 +26,7 @@ def vit():
     return vit_model("att+mlp")
 
 
-@pytest.fixture(scope="module", params=["at-switch", "per-call"])
+@pytest.fixture(scope="module", params=["per-call", "at-switch"])
 def exported(vit, tmp_path_factory, request):
     out = tmp_path_factory.mktemp(request.param)
     export_onnx(vit, out, compose=request.param)

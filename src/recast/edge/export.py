@@ -8,14 +8,16 @@ Layout of the directory (read on the device by :mod:`recast.edge.device`)::
     tasks/<name>.safetensors   task-generic only: each task's packed task file (see recast.edge.pack)
 
 The task-generic graph is exported with ``torch.onnx.export(dynamo=False)`` in one of two modes
-(:mod:`recast.edge.graph`): ``per-call``, one graph with inputs ``images`` (dynamic batch),
-``coefficients`` (the task file's packed vector), ``<head>.weight`` and ``<head>.bias`` (dynamic
-number of classes) that composes the weights in every call; or ``at-switch`` (the default), where
+(:mod:`recast.edge.graph`): ``per-call`` (the default), one graph with inputs ``images`` (dynamic
+batch), ``coefficients`` (the task file's packed vector), ``<head>.weight`` and ``<head>.bias``
+(dynamic number of classes) that composes the weights in every call; or ``at-switch``, where
 ``compose.onnx`` turns the coefficients into the generated weights once when a task is loaded and
 ``graph.onnx`` takes ``images``, the head and those weights (``weight.<layer>``). Either way the task
-file is the same and running a task is feeding arrays. The plain graph is ``model.export(task)``
-with one input ``images``. Every graph passes
-``onnx.checker`` before it is written; the manifest is written last, so a directory whose manifest
+file is the same and running a task is feeding arrays. Composing per call costs one small matrix
+product per bank and keeps a task switch at feeding a few hundred numbers; composing at switch can
+be faster for small models, whose per-call composition is a larger share of the work (the edge
+benchmark measures both). The plain graph is ``model.export(task)`` with one input ``images``.
+Every graph passes ``onnx.checker`` before it is written; the manifest is written last, so a directory whose manifest
 is complete has every file it lists.
 """
 
@@ -44,14 +46,14 @@ from recast.model import RecastModel
 
 GRAPH_FILE = "graph.onnx"
 COMPOSE_FILE = "compose.onnx"
-COMPOSE_MODES = ("at-switch", "per-call")
+COMPOSE_MODES = ("per-call", "at-switch")
 LOGITS = "logits"
 OPSET = 17
 
 
 def export_onnx(
     model: RecastModel, out_dir: str | Path, *, task: str | None = None, dtype: str = "fp32", opset: int = OPSET,
-    input_size: tuple[int, int, int] | None = None, compose: str = "at-switch",
+    input_size: tuple[int, int, int] | None = None, compose: str = "per-call",
 ) -> dict[str, Any]:
     """Write ``out_dir`` (see the module docstring) and return its manifest.
 

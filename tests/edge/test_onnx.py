@@ -182,6 +182,8 @@ def test_task_files_for_another_backbone_or_of_the_wrong_shape_are_refused(vit, 
         runner.load_task(wide)
     with pytest.raises(EdgeError, match="not a recast task file"):
         runner.load_task(safetensors.torch.save(tensors, {"format": "other"}))
+    with pytest.raises(EdgeError, match="cut.safetensors: not a safetensors file"):
+        runner.load_task(b"\x01", "cut.safetensors")
     with pytest.raises(EdgeError, match=r"images must be \(batch, 3, 16, 16\)"):
         runner.run(np.zeros((1, 3, 32, 32), dtype=np.float32), "a")
 

@@ -125,7 +125,10 @@ def dequantize(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def read_task(data: bytes, manifest: dict[str, Any], source: str = "task file") -> EdgeTask:
     """A task file's arrays, dequantised and checked against the graph the manifest describes."""
-    meta = safetensors_metadata(data)
+    try:
+        meta = safetensors_metadata(data)
+    except EdgeError as exc:
+        raise EdgeError(f"{source}: {exc}") from None
     if meta.get("format") != TASK_FORMAT:
         raise EdgeError(f"{source}: not a recast task file (its metadata has no format {TASK_FORMAT!r})")
     if meta.get("fingerprint") != manifest.get("fingerprint"):
@@ -143,7 +146,10 @@ def read_task(data: bytes, manifest: dict[str, Any], source: str = "task file") 
     name = meta.get("task", "")
     num_classes = int(arrays[manifest["task_inputs"][-1]].shape[0])
     recorded = manifest.get("tasks", {}).get(name, {})
-    class_names = json.loads(meta["class_names"]) if "class_names" in meta else recorded.get("class_names")
+    try:
+        class_names = json.loads(meta["class_names"]) if "class_names" in meta else recorded.get("class_names")
+    except json.JSONDecodeError:
+        raise EdgeError(f"{source}: its class_names metadata is not JSON") from None
     return EdgeTask(name, arrays, num_classes, class_names, meta.get("dtype", "fp32"), len(data))
 
 

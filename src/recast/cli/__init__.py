@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "recast.cli.train",
     "recast.cli.verify",
     "recast.cli.bench",
+    "recast.cli.edge",
 )
 
 

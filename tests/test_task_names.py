@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 
-from recast.errors import TaskError
+from recast.errors import FileFormatError, TaskError
 from recast.format import TASK_NAME_RULE
-from recast.methods import METHOD_NAMES, build_method
+from recast.methods import METHOD_NAMES, build_method, load_method
 from tests.helpers import narrow_resnet, tiny_vit
 
 BAD_NAMES = ["/abs/path/pwned", "a/b", "..", ".hidden", "", "x" * 65, "nul\x00byte", "trailing\n"]
@@ -46,11 +47,6 @@ def test_bad_task_names_are_refused_with_the_rule_and_nothing_is_written(model, 
 
 def test_a_config_naming_a_bad_task_is_refused(tmp_path) -> None:
     """A record read from disk goes through the same rule (here: a task record keyed '../x')."""
-    import json
-
-    from recast.errors import FileFormatError
-    from recast.methods import load_method
-
     model = build_method("lora", tiny_vit(depth=2))
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "recast_config.json").read_text())

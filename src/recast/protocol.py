@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from recast.errors import FileFormatError, TaskError
 from recast.format import FORMAT_VERSION, ModelStore, check_task_name
 from recast.format.names import TASK_FORMAT
+from recast.format.quantize import check_dtype, quantize_tensors
 from recast.format.records import RECORD_KEYS, backbone_header, encode, task_header, tensor_problems
 from recast.format.staging import sha256_hex
 from recast.tasks import COUNT_KINDS, TaskHead, TaskSpec
@@ -228,19 +229,29 @@ class TaskModel(nn.Module):
         config = {**self.config_record(), "active": self.active_task, "library_version": __version__}
         ModelStore(directory).write_model(backbone, blobs, config)
 
-    def save_task(self, directory: str | Path, name: str, meta: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Write task ``name`` into ``directory`` (committed atomically); returns its record."""
+    def save_task(
+        self, directory: str | Path, name: str, meta: dict[str, Any] | None = None, *, dtype: str = "fp32"
+    ) -> dict[str, Any]:
+        """Write task ``name`` into ``directory`` (committed atomically); returns its record.
+
+        ``dtype`` ``"fp16"`` or ``"int8"`` stores a compact file (int8: per-row scales for
+        matrices, fp16 for vectors); it loads transparently, dequantised to float32.
+        """
         self.require_task(name)
+        check_dtype(dtype)
         if meta:
             self.tasks[name].meta.update(meta)
-        blob = self._task_blob(name)
+        blob = self._task_blob(name, dtype)
         ModelStore(directory).write_task(name, blob, self.fingerprint)
         return blob[1]
 
-    def _task_blob(self, name: str) -> tuple[bytes, dict[str, Any]]:
-        """Task ``name``'s file bytes and the record that pins their sha256."""
+    def _task_blob(self, name: str, dtype: str = "fp32") -> tuple[bytes, dict[str, Any]]:
+        """Task ``name``'s file bytes (stored in ``dtype``) and the record that pins their sha256."""
         info = self.tasks[name]
-        data = encode(self.task_tensors(name), task_header(name, self.fingerprint))
+        tensors = self.task_tensors(name)
+        if dtype != "fp32":
+            tensors = quantize_tensors(tensors, dtype)
+        data = encode(tensors, task_header(name, self.fingerprint, dtype))
         record = {
             **info.meta,
             **self._record_extras(),
@@ -254,6 +265,7 @@ class TaskModel(nn.Module):
             "bytes": len(data),
             "sha256": sha256_hex(data),
             "fingerprint": self.fingerprint,
+            **({"dtype": dtype} if dtype != "fp32" else {}),
         }
         return data, record
 

@@ -17,6 +17,7 @@ from torch import Tensor
 from recast.errors import FileFormatError
 from recast.format.locking import lock_directory
 from recast.format.names import BACKBONE_FILE, CONFIG_FILE, TASKS_DIR, check_task_name, is_task_name, task_path
+from recast.format.quantize import DTYPES, dequantize_tensors
 from recast.format.records import (
     check_backbone_header,
     check_config_record,
@@ -96,11 +97,22 @@ class ModelStore:
         return read_json(path), path
 
     def read_task(self, name: str, record: Any, source: Path, fingerprint: str) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, str]]:
-        """Checked record, tensors and header of task ``name`` for the backbone ``fingerprint``."""
+        """Checked record, tensors and header of task ``name`` for the backbone ``fingerprint``.
+
+        Packed files (``dtype`` fp16 or int8 in their metadata) come back dequantised to float32.
+        """
         record = check_task_record(source, record, fingerprint)
         path = self.task_file(name)
         tensors, header = decode(path, read_checked(path, record["sha256"]))
         check_task_header(path, header, fingerprint)
+        dtype = header.get("dtype", "fp32")
+        if dtype not in DTYPES:
+            raise FileFormatError(f"{path}: stored in dtype {dtype!r}, this library reads {', '.join(DTYPES)}")
+        if dtype != "fp32":
+            try:
+                tensors = dequantize_tensors(tensors)
+            except FileFormatError as exc:
+                raise FileFormatError(f"{path}: {exc}") from None
         return record, tensors, header
 
     def read_backbone(self, config: dict[str, Any]) -> dict[str, Tensor]:

@@ -14,8 +14,10 @@ from PIL import Image
 from recast.data import open_data
 from recast.data.decode import DEFAULT_MAX_PIXELS, load_image
 from recast.data.images import TorchvisionImages, drop_bad_items
-from recast.errors import ConfigError, FileFormatError
+from recast.errors import ConfigError, FileFormatError, RecastError
+from recast.train import SequenceEntry, TrainConfig, open_task
 from tests.data.conftest import write_png
+from tests.helpers import tiny_vit
 
 RED, BLUE = (220, 20, 30), (20, 30, 220)
 
@@ -188,3 +190,21 @@ def test_torchvision_items_are_normalised_and_named_when_bad() -> None:
     kept, bad = drop_bad_items(source)
     assert len(kept.labels) == 2 and kept.where(1) == "/data/c.jpg (item 2 of BrokenDataset)"
     assert len(bad) == 1 and "b.jpg" in bad[0]
+
+
+def test_training_config_skips_bad_images_and_counts_them(tmp_path) -> None:
+    """``--skip-bad-images`` / ``--max-pixels`` reach the data layer through the training config."""
+    for label in ("a", "b"):
+        folder = tmp_path / "train" / label
+        folder.mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (16, 16), (40 * i, 0, 0)).save(folder / f"{i}.png")
+    (tmp_path / "train" / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    entry = SequenceEntry("t", f"imagefolder:{tmp_path / 'train'}")
+    task = open_task(entry, tiny_vit(depth=1), TrainConfig(skip_bad_images=True, max_pixels=10_000), val_fraction=0.25)
+    assert task.split_info["skipped_bad_images"] == 1 and task.split_info["max_pixels"] == 10_000
+    plain = open_task(entry, tiny_vit(depth=1), TrainConfig(), val_fraction=0.25)
+    with pytest.raises(RecastError, match="broken.png"):  # without the option the bad file stops the run
+        for split in (plain.train, plain.val):
+            for i in range(len(split)):
+                split[i]

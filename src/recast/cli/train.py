@@ -105,6 +105,11 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
                        help="input side length: the model and the transforms follow (default: the backbone's own); "
                        "recorded in every task and result file")
     group.add_argument("--eval-batch-size", type=int, help="batch size for validation and test")
+    group.add_argument("--skip-bad-images", action="store_true", default=None,
+                       help="skip image files that do not decode (16-bit, CMYK, palette, EXIF and animated files are "
+                       "converted; truncated, corrupt or oversized ones are refused) and count them in the result")
+    group.add_argument("--max-pixels", type=int, metavar="N",
+                       help="refuse image files with more pixels than this before decoding (decompression bombs)")
 
 
 def _register_eval(subparsers: argparse._SubParsersAction) -> None:
@@ -157,7 +162,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults, then the ``--config`` file, then the flags given on the command line."""
     config = TrainConfig.from_file(args.config) if getattr(args, "config", None) else TrainConfig()
     names = ("epochs", "batch_size", "lr", "weight_decay", "step_size", "gamma", "max_steps", "seed",
-             "num_workers", "precision", "augment", "eval_batch_size", "image_size")
+             "num_workers", "precision", "augment", "eval_batch_size", "image_size", "skip_bad_images", "max_pixels")
     overrides = {name: getattr(args, name, None) for name in names}
     config = config.updated(**overrides)
     if getattr(args, "grad_clip", None) is not None:  # 0 turns clipping off

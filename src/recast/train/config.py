@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from recast.data.decode import DEFAULT_MAX_PIXELS, check_max_pixels
+from recast.data.transforms import AUGMENT_PRESETS, check_augment
 from recast.errors import ConfigError, FileFormatError, RecastError
 from recast.io import read_json
 
@@ -15,7 +17,7 @@ except ImportError:  # Python 3.10: TOML config files are refused with a clear m
     tomllib = None  # type: ignore[assignment]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-AUGMENTS = ("default", "reference", "none")
+AUGMENTS = AUGMENT_PRESETS
 
 
 class TrainingError(RecastError):
@@ -42,6 +44,9 @@ class TrainConfig:
         eval_batch_size: batch for validation and test (``None``: ``batch_size``).
         image_size: the input side length the model and the transforms were set to (``None``: the
             backbone's own); recorded here so that every result file states it.
+        skip_bad_images: skip image files that do not decode (counted in the split info) instead
+            of stopping at the first one.
+        max_pixels: image files with more pixels are refused before decoding (``None``: no limit).
     """
 
     epochs: int = 100
@@ -58,14 +63,16 @@ class TrainConfig:
     augment: str = "default"
     eval_batch_size: int | None = None
     image_size: int | None = None
+    skip_bad_images: bool = False
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "step_size"):
             _check_int(name, getattr(self, name), minimum=1)
         if isinstance(self.augment, bool):  # the older boolean form
             object.__setattr__(self, "augment", "default" if self.augment else "none")
-        if self.augment not in AUGMENTS:
-            raise ConfigError(f"augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
+        check_augment(self.augment)
+        check_max_pixels(self.max_pixels)
         for name in ("max_steps", "eval_batch_size", "image_size"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), minimum=1)

@@ -119,7 +119,8 @@ def open_task(
     splits = open_data(entry.data, val_fraction=val_fraction, seed=data_seed,
                        train_transform=transforms_for(net, True, augment=config.augment, hflip=entry.hflip, data=entry.data),
                        eval_transform=eval_transform(net, config.augment, entry.data),
-                       input_shape=tuple(data_config(net)["input_size"]))
+                       input_shape=tuple(data_config(net)["input_size"]),
+                       skip_bad_images=config.skip_bad_images, max_pixels=config.max_pixels)
     train = subsample(splits.train, max_train_images, data_seed)
     info = {**splits.split_info, **({"train_used": len(train)} if max_train_images is not None else {})}
     return SequenceTask(entry.name, entry.data, train, splits.val, splits.test, list(splits.classes), info)

@@ -4,6 +4,15 @@ Each layer points to a ``TemplateBank`` it does not own and keeps, per task, a `
 coefficients; its weight is ``compose(bank.templates, coefficients)``. Biases stay the pretrained
 ones, frozen. When no gradient can flow (evaluation), the generated weight is cached until the
 task, the coefficients or the templates change.
+
+A batch whose samples belong to different tasks (``RecastModel.forward_tasks``) takes one of two
+paths in each generated layer, chosen per layer and per batch by :func:`prefer_templates`:
+
+- *group*: one ordinary forward per task group (gather, task weight, scatter back);
+- *template space*: since ``W_t x = sum_i beta[t, i] (T_i x)`` with ``beta`` the K-averaged
+  coefficients, every sample is scaled into ``n`` copies ``beta[t, i] x`` and one layer with the
+  ``n`` templates side by side (``[T_1 ... T_n]``, ``n`` times the input width) computes them all:
+  a single dense call for the whole batch whatever the number of distinct tasks.
 """
 
 from __future__ import annotations
@@ -16,7 +25,42 @@ from torch import Tensor, nn
 
 from recast.bank import TemplateBank, compose
 from recast.errors import TaskError
-from recast.tasks import TaskModule, TaskSpec
+from recast.tasks import Routing, TaskModule, TaskSpec
+
+# The fixed price of one extra task group in the grouped path (gather, a small layer call, scatter:
+# a few kernel launches and copies), as the multiply-adds the device could have done meanwhile.
+# Rough figures: about 20 us on a CPU core at ~50 GFLOP/s; about 30 us of launches and syncs on a
+# GPU at ~50 TFLOP/s of matrix throughput.
+GROUP_OVERHEAD_MACS = {"cpu": 1e6, "cuda": 1.5e9}
+
+
+def prefer_templates(
+    dense_macs: int, input_numel: int, templates: int, distinct: int, uncached: int, weight_numel: int, device: str
+) -> bool:
+    """The cost model: is the template-space path cheaper than grouping for this layer and batch?
+
+    Args:
+        dense_macs: multiply-adds of the layer with one weight over the whole batch.
+        input_numel: elements of the layer's input (the template path scales each n times).
+        templates: n, the bank's templates.
+        distinct: d, the distinct tasks in the batch.
+        uncached: how many of those tasks have no generated weight cached yet.
+        weight_numel: elements of one weight.
+        device: ``"cpu"``, ``"cuda"``, ... (the overhead per group differs).
+
+    Template space costs ``n * dense`` plus spreading the input (``n * input_numel``); grouping
+    costs ``dense`` plus, per task group, a fixed overhead and, for tasks not cached, generating
+    their weight (``n * weight_numel``). So the template path wins when many distinct tasks share
+    a batch of few rows (the per-group overhead adds up, as on a GPU), grouping wins when the batch
+    has few tasks or many rows per task (ViT tokens on a CPU: the extra template products cost
+    more than the groups).
+    """
+    if distinct < 2:
+        return False
+    overhead = GROUP_OVERHEAD_MACS.get(device, GROUP_OVERHEAD_MACS["cuda"])
+    template_cost = templates * dense_macs + templates * input_numel
+    group_cost = dense_macs + distinct * overhead + uncached * templates * weight_numel
+    return template_cost < group_cost
 
 
 class GeneratedWeight(TaskModule):
@@ -68,6 +112,56 @@ class GeneratedWeight(TaskModule):
         self._cache.pop(name, None)
         super().delete_task(name)
 
+    def forward(self, x: Tensor) -> Tensor:
+        """As ``TaskModule.forward``; a mixed-task batch takes the template path or groups (see module doc)."""
+        if self.routing is None:
+            return super().forward(x)
+        routing = Routing.of(self.routing)
+        if routing.batching == "group" or len(routing.names) == 1 or not self.template_path_possible():
+            return self.forward_grouped(x, routing)
+        if routing.batching == "template" or self._prefers_templates(x, routing):
+            return self.forward_templates(x, self.sample_mix(routing))
+        return self.forward_grouped(x, routing)
+
+    def _prefers_templates(self, x: Tensor, routing: Routing) -> bool:
+        uncached = sum(1 for t in routing.names if t not in self._cache)
+        weight_numel = self.bank.templates[0].numel()
+        return prefer_templates(
+            self.batch_macs(x), x.numel(), self.bank.size, len(routing.names), uncached, weight_numel, x.device.type
+        )
+
+    def sample_mix(self, routing: Routing) -> Tensor:
+        """``(B, n)``: each sample's task's K-averaged coefficients (differentiable)."""
+        mixes = torch.stack([self.coefficients(task).mean(0) for task in routing.names])
+        return mixes.index_select(0, routing.index)
+
+    def stacked_templates(self) -> Tensor:
+        """The n templates side by side along the input dimension: ``(out, n * in, ...)``.
+
+        Cached while the templates cannot need a gradient (they are frozen in every RECAST method).
+        """
+        templates = self.bank.templates
+        if torch.is_grad_enabled() and templates.requires_grad:
+            return _side_by_side(templates)
+        key = (templates._version, templates.data_ptr())
+        cached = self.__dict__.get("_stacked")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = self.__dict__["_stacked"] = (key, _side_by_side(templates))
+        return cached[1]
+
+    def template_path_possible(self) -> bool:
+        """Whether this layer can take the template-space path (subclasses may refuse)."""
+        return True
+
+    def batch_macs(self, x: Tensor) -> int:
+        """Multiply-adds of this layer over batch ``x`` with one weight."""
+        raise NotImplementedError
+
+    def forward_templates(self, x: Tensor, mix: Tensor) -> Tensor:
+        """The template-space path: sample ``b`` gets ``sum_i mix[b, i] T_i x_b`` (plus the bias)."""
+        raise NotImplementedError
+
     def _filled(self, plain: nn.Linear | nn.Conv2d, task: str) -> nn.Module:
         """``plain`` (a freshly made layer of the same shape) holding ``task``'s weight and the bias."""
         plain = plain.to(device=self.bank.templates.device, dtype=self.bank.templates.dtype)
@@ -78,9 +172,16 @@ class GeneratedWeight(TaskModule):
         return plain
 
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)  # copies and pickles never carry the cache
+        state = dict(self.__dict__)  # copies and pickles never carry the caches
         state["_cache"] = {}
+        state.pop("_stacked", None)
         return state
+
+
+def _side_by_side(templates: Tensor) -> Tensor:
+    """``(n, out, in, ...)`` -> ``(out, n * in, ...)``: template ``i`` fills input block ``i``."""
+    n, out, width = templates.shape[:3]
+    return templates.transpose(0, 1).reshape(out, n * width, *templates.shape[3:]).contiguous()
 
 
 class GeneratedLinear(GeneratedWeight):
@@ -92,6 +193,15 @@ class GeneratedLinear(GeneratedWeight):
 
     def forward_task(self, x: Tensor, task: str) -> Tensor:  # (..., in) -> (..., out)
         return F.linear(x, self.weight_for(task), self.bias)
+
+    def batch_macs(self, x: Tensor) -> int:
+        return x.numel() * self.out_features
+
+    def forward_templates(self, x: Tensor, mix: Tensor) -> Tensor:
+        n = mix.shape[1]
+        scale = mix.view(mix.shape[0], *([1] * (x.dim() - 2)), n, 1)  # (B, 1.., n, 1)
+        spread = (x.unsqueeze(-2) * scale).flatten(-2)  # (B, ..., n * in): block i is mix[b, i] * x
+        return F.linear(spread, self.stacked_templates(), self.bias)
 
     def to_plain(self, task: str) -> nn.Linear:
         return self._filled(nn.Linear(self.in_features, self.out_features, bias=self.bias is not None), task)
@@ -113,6 +223,19 @@ class GeneratedConv2d(GeneratedWeight):
 
     def forward_task(self, x: Tensor, task: str) -> Tensor:  # (B, in, H, W) -> (B, out, H', W')
         return F.conv2d(x, self.weight_for(task), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def template_path_possible(self) -> bool:
+        return self.groups == 1  # grouped convolutions would need the blocks interleaved per group
+
+    def batch_macs(self, x: Tensor) -> int:
+        pixels = 1
+        for extent, k, s, p, d in zip(x.shape[-2:], self.kernel_size, self.stride, self.padding, self.dilation, strict=True):
+            pixels *= (extent + 2 * p - d * (k - 1) - 1) // s + 1
+        return x.shape[0] * pixels * self.in_channels * self.kernel_size[0] * self.kernel_size[1] * self.out_channels
+
+    def forward_templates(self, x: Tensor, mix: Tensor) -> Tensor:
+        spread = (x.unsqueeze(1) * mix.view(*mix.shape, 1, 1, 1)).flatten(1, 2)  # (B, n * in, H, W)
+        return F.conv2d(spread, self.stacked_templates(), self.bias, self.stride, self.padding, self.dilation)
 
     def to_plain(self, task: str) -> nn.Conv2d:
         plain = nn.Conv2d(

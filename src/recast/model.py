@@ -28,7 +28,7 @@ from recast.mimicry import FitProblem, fidelity, fit, refine_with_data
 from recast.protocol import TaskInfo, TaskModel
 from recast.recipe import build_from_recipe, recipe_of
 from recast.surgery import BankPlan, find_head, install_head, plan_banks, wrap_batchnorms
-from recast.tasks import TaskBatchNorm, TaskHead, TaskModule, TaskSpec
+from recast.tasks import TaskBatchNorm, TaskHead, TaskModule, TaskSpec, routed
 
 
 class RecastModel(TaskModel):
@@ -227,27 +227,20 @@ class RecastModel(TaskModel):
         return sum(len(p.layers) * p.templates for p in self.plans)
 
     # ---------------------------------------------------------------------------------- forward
-    def forward_tasks(self, x: Tensor, tasks: Sequence[str]) -> Tensor:
+    def forward_tasks(self, x: Tensor, tasks: Sequence[str], batching: str = "auto") -> Tensor:
         """One forward over a batch whose samples belong to different tasks.
 
         ``tasks[i]`` names sample ``i``'s task. Every task module sends each sample through its
         own task's state, so the logits equal per-task forwards; heads of different sizes are
-        padded with ``-inf`` up to the largest.
+        padded with ``-inf`` up to the largest. ``batching`` (``auto``, ``template``, ``group``)
+        is how generated layers mix tasks (see :mod:`recast.layers`).
         """
         if len(tasks) != x.shape[0]:
             raise TaskError(f"{len(tasks)} task names for a batch of {x.shape[0]} samples")
-        names = list(dict.fromkeys(tasks))
-        for name in names:
-            self._require_task(name)
-        index = torch.tensor([names.index(t) for t in tasks], device=x.device)
-        modules = [m for _, m in self.task_modules()]
-        for module in modules:
-            module.routing = (names, index)
-        try:
+        for name in dict.fromkeys(tasks):
+            self.require_task(name)
+        with routed((m for _, m in self.task_modules()), list(tasks), x.device, batching):
             return self.net(x)
-        finally:
-            for module in modules:
-                module.routing = None
 
     def export(self, name: str) -> nn.Module:
         """An ordinary copy of the base architecture with task ``name``'s generated weights and head."""

@@ -10,6 +10,8 @@ has to subclass ``TaskModule``.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +22,58 @@ from torch import Tensor, nn
 from recast.errors import TaskError
 
 COUNT_KINDS = ("coefficients", "head", "other")
+BATCHING_MODES = ("auto", "template", "group")
+
+
+class Routing:
+    """Which task each sample of a mixed batch belongs to, worked out once for every module.
+
+    Attributes:
+        names: the distinct tasks, in order of first appearance.
+        index: ``(B,)`` long tensor, position of each sample's task in ``names``.
+        groups: per task in ``names``, the ``(b,)`` sample positions that belong to it.
+        batching: how generated layers mix tasks: ``"auto"`` (their cost model decides per layer
+            and batch), ``"template"`` (always the template-space path) or ``"group"`` (one
+            forward per task group); other task modules always group.
+    """
+
+    def __init__(self, tasks: list[str], device: torch.device | str | None = None, batching: str = "auto") -> None:
+        if batching not in BATCHING_MODES:
+            raise TaskError(f"batching must be one of {', '.join(BATCHING_MODES)}, got {batching!r}")
+        self.names = list(dict.fromkeys(tasks))
+        position = {name: i for i, name in enumerate(self.names)}
+        self.index = torch.tensor([position[t] for t in tasks], dtype=torch.long, device=device)
+        members: list[list[int]] = [[] for _ in self.names]
+        for sample, task in enumerate(tasks):
+            members[position[task]].append(sample)
+        self.groups = [torch.tensor(m, dtype=torch.long, device=device) for m in members]
+        self.batch_size = len(tasks)
+        self.batching = batching
+
+    def __iter__(self) -> Iterator[Any]:  # unpacks as the former ``(names, index)`` pair
+        return iter((self.names, self.index))
+
+    @classmethod
+    def of(cls, value: Routing | tuple[list[str], Tensor]) -> Routing:
+        """``value`` as a ``Routing`` (a plain ``(names, index)`` pair is converted)."""
+        if isinstance(value, Routing):
+            return value
+        names, index = value
+        return cls([names[int(i)] for i in index.tolist()], index.device)
+
+
+@contextmanager
+def routed(modules: Iterable[TaskModule], tasks: list[str], device: torch.device, batching: str = "auto") -> Iterator[Routing]:
+    """Route a batch through ``modules``: sample ``i`` uses task ``tasks[i]`` until the block ends."""
+    routing = Routing(tasks, device, batching)
+    modules = list(modules)
+    for module in modules:
+        module.routing = routing
+    try:
+        yield routing
+    finally:
+        for module in modules:
+            module.routing = None
 
 
 @dataclass
@@ -54,7 +108,7 @@ class TaskModule(nn.Module):
         super().__init__()
         self.per_task = nn.ModuleDict()
         self.active: str | None = None
-        self.routing: tuple[list[str], Tensor] | None = None  # (task names, (B,) index into them)
+        self.routing: Routing | None = None  # set while a mixed-task batch runs (see ``routed``)
 
     def forward_task(self, x: Tensor, task: str) -> Tensor:
         """This module's output for a batch that belongs entirely to ``task``."""
@@ -66,17 +120,16 @@ class TaskModule(nn.Module):
             if self.active is None:
                 raise TaskError("no task is active: call set_task(name) first")
             return self.forward_task(x, self.active)
-        names, index = self.routing
-        out: Tensor | None = None
-        for position, task in enumerate(names):
-            mask = index == position
-            if not bool(mask.any()):
-                continue
-            part = self.forward_task(x[mask], task)
-            if out is None:
-                out = part.new_empty((x.shape[0], *part.shape[1:]))
-            out[mask] = part
-        assert out is not None, "routing over an empty batch"
+        return self.forward_grouped(x, Routing.of(self.routing))
+
+    def forward_grouped(self, x: Tensor, routing: Routing) -> Tensor:
+        """One ``forward_task`` per task group of the batch, scattered back into batch order."""
+        if len(routing.names) == 1:
+            return self.forward_task(x, routing.names[0])
+        parts = [self.forward_task(x.index_select(0, rows), task) for task, rows in zip(routing.names, routing.groups, strict=True)]
+        out = parts[0].new_empty((x.shape[0], *parts[0].shape[1:]))
+        for part, rows in zip(parts, routing.groups, strict=True):
+            out.index_copy_(0, rows, part)
         return out
 
     def make_task_state(self, spec: TaskSpec) -> nn.Module:
@@ -171,14 +224,14 @@ class TaskHead(TaskModule):
         """Logits; while routing, heads of different sizes are padded with -inf to the largest."""
         if self.routing is None:
             return super().forward(x)
-        names, index = self.routing
-        width = max(self.num_classes(t) for t in names)
-        out = x.new_full((x.shape[0], width), float("-inf"))
-        for position, task in enumerate(names):
-            mask = index == position
-            if bool(mask.any()):
-                logits = self.forward_task(x[mask], task)
-                out[mask, : logits.shape[1]] = logits
+        routing = Routing.of(self.routing)
+        widths = [self.num_classes(t) for t in routing.names]
+        if len(routing.names) == 1:
+            return self.forward_task(x, routing.names[0])
+        out = x.new_full((x.shape[0], max(widths)), float("-inf"))
+        for task, rows, width in zip(routing.names, routing.groups, widths, strict=True):
+            logits = self.forward_task(x.index_select(0, rows), task)
+            out[:, :width].index_copy_(0, rows, logits)
         return out
 
     def to_plain(self, task: str) -> nn.Module:
@@ -211,6 +264,14 @@ class TaskBatchNorm(TaskModule):
         if hasattr(state, "running_mean"):
             return state.running_mean, state.running_var, True
         return self.bn.running_mean, self.bn.running_var, False
+
+    def forward(self, x: Tensor) -> Tensor:
+        """While routing, tasks on the shared pretrained statistics run as one batch."""
+        if self.routing is not None:
+            routing = Routing.of(self.routing)
+            if not any(hasattr(self.per_task[t], "running_mean") for t in routing.names):
+                return self.forward_task(x, routing.names[0])
+        return super().forward(x)
 
     def forward_task(self, x: Tensor, task: str) -> Tensor:
         mean, var, own = self._stats(task)

@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "recast.cli.verify",
     "recast.cli.bench",
     "recast.cli.edge",
+    "recast.cli.serve",
 )
 
 

@@ -1,0 +1,116 @@
+"""The HTTP server: predictions equal ``recast predict``, bad input answers 4xx, live task changes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from recast import RecastModel
+from recast.cli import main as cli_main
+from recast.client import AsyncClient, Client, ServeError
+from recast.io import atomic_write_json, read_json
+from recast.model import CONFIG_FILE
+from tests.serve.conftest import CLASSES, png_bytes
+
+
+def _predict_cli(model_dir: Path, task: str, paths: list[Path], capsys: pytest.CaptureFixture) -> list[dict]:
+    capsys.readouterr()
+    assert cli_main(["predict", str(model_dir), "--task", task, "--top-k", "3", "--json", *map(str, paths)]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_predictions_equal_recast_predict(server, model_dir, tmp_path, capsys) -> None:
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"img{i}.png")
+        paths[-1].write_bytes(png_bytes(i, mode="RGB" if i else "L"))
+    with Client(server) as client:
+        for task in CLASSES:
+            served = client.predict(task, paths, top_k=3)
+            expected = _predict_cli(model_dir, task, paths, capsys)
+            assert len(served) == len(expected) == 3
+            for got, want in zip(served, expected, strict=True):
+                assert [t["label"] for t in got["top"]] == [t["label"] for t in want["top"]]
+                assert all(abs(a["probability"] - b["probability"]) < 1e-5 for a, b in zip(got["top"], want["top"], strict=True))
+                assert got["top"][0]["label"] in CLASSES[task]
+
+
+def test_concurrent_requests_of_mixed_tasks_are_batched(server) -> None:
+    async def drive() -> list[list[dict]]:
+        async with AsyncClient(server) as client:
+            calls = [client.predict(("digits", "shapes")[i % 2], [png_bytes(10 + i)], top_k=1) for i in range(12)]
+            return await asyncio.gather(*calls)
+
+    answers = asyncio.run(drive())
+    with Client(server) as client:
+        for i, answer in enumerate(answers):
+            alone = client.predict(("digits", "shapes")[i % 2], [png_bytes(10 + i)], top_k=1)
+            assert answer[0]["top"][0]["label"] == alone[0]["top"][0]["label"]
+            assert abs(answer[0]["top"][0]["probability"] - alone[0]["top"][0]["probability"]) < 1e-5
+        text = client.metrics()
+    sizes = [line for line in text.splitlines() if line.startswith("recast_batch_size_count")]
+    total = [line for line in text.splitlines() if line.startswith("recast_batch_size_sum")]
+    assert float(sizes[0].split()[-1]) < float(total[0].split()[-1])  # some forward held several images
+    assert 'recast_requests_total{endpoint="/v1/predict",status="200"}' in text
+    assert "recast_request_latency_seconds_bucket" in text and "recast_tasks_loaded" in text
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "status", "words"),
+    [
+        ({"data": {"task": "nope"}, "files": {"image": ("a.png", png_bytes(1))}}, 404, ["no task named 'nope'", "digits"]),
+        ({"data": {"task": "digits"}, "files": {"image": ("bad.png", b"not an image")}}, 400, ["'bad.png'", "decoded"]),
+        ({"data": {"task": "digits"}, "files": {"image": ("big.png", png_bytes(2, size=300))}}, 413, ["limit", "60000"]),
+        ({"json": {"task": "digits"}}, 415, ["multipart/form-data", "application/json"]),
+        ({"data": {"task": "digits"}, "files": {"other": ("x.txt", b"hi")}}, 400, ["'image'"]),
+        ({"files": {"image": ("a.png", png_bytes(1))}}, 400, ["'task'"]),
+        ({"data": {"task": "digits", "top_k": "-2"}, "files": {"image": ("a.png", png_bytes(1))}}, 400, ["top_k"]),
+        ({"data": {"task": "digits"}, "files": [("image", (f"{i}.png", png_bytes(i))) for i in range(5)]}, 400, ["files"]),
+    ],
+    ids=["unknown-task", "undecodable", "oversized", "content-type", "no-image", "no-task", "top-k", "too-many"],
+)
+def test_bad_input_gets_a_clear_4xx(server, request_kwargs, status, words) -> None:
+    response = httpx.post(f"{server}/v1/predict", **request_kwargs)
+    assert response.status_code == status
+    message = response.json()["error"]["message"]
+    for word in words:
+        assert word in message
+    assert httpx.get(f"{server}/healthz").json()["status"] == "ok"  # still serving
+
+
+def test_client_raises_serve_error(server) -> None:
+    with Client(server) as client, pytest.raises(ServeError) as info:
+        client.predict("nope", [png_bytes(0)])
+    assert info.value.status == 404 and "known tasks" in info.value.message
+
+
+def _wait_for(condition, seconds: float = 20.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def test_task_saved_while_serving_becomes_visible_and_removed_task_answers_404(server, model_dir) -> None:
+    writer = RecastModel.from_pretrained(model_dir)
+    writer.add_task("fresh", 4, class_names=["a", "b", "c", "d"])
+    with torch.no_grad():
+        writer.head.per_task["fresh"].bias.copy_(torch.tensor([0.0, 0.0, 9.0, 0.0]))
+    writer.save_task(model_dir, "fresh")
+    with Client(server) as client:
+        _wait_for(lambda: "fresh" in [t["name"] for t in client.tasks()])
+        assert client.predict("fresh", [png_bytes(3)])[0]["top"][0]["label"] == "c"
+        record = read_json(model_dir / CONFIG_FILE)  # a commit that drops the task
+        record["tasks"] = [t for t in record["tasks"] if t != "fresh"]
+        del record["task_records"]["fresh"]
+        atomic_write_json(model_dir / CONFIG_FILE, record)
+        _wait_for(lambda: "fresh" not in [t["name"] for t in client.tasks()])
+        with pytest.raises(ServeError) as info:
+            client.predict("fresh", [png_bytes(3)])
+        assert info.value.status == 404

@@ -114,3 +114,39 @@ def test_task_saved_while_serving_becomes_visible_and_removed_task_answers_404(s
         with pytest.raises(ServeError) as info:
             client.predict("fresh", [png_bytes(3)])
         assert info.value.status == 404
+
+
+def test_sigterm_ends_the_server_cleanly(model_dir, tmp_path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.serve.conftest import free_port
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2] / "src"), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "recast", "serve", str(model_dir), "--port", str(port), "--threads", "1"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        def up() -> bool:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        _wait_for(up, seconds=60)
+        with Client(f"http://127.0.0.1:{port}") as client:
+            assert client.predict("digits", [png_bytes(4)])[0]["top"][0]["label"] in CLASSES["digits"]
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    # uvicorn shuts down gracefully, then re-raises the signal so the exit says "ended by SIGTERM"
+    assert process.returncode in (0, -signal.SIGTERM)
+    assert "Application shutdown complete" in output and "Traceback" not in output

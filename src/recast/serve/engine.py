@@ -160,13 +160,7 @@ class Engine:
     @torch.no_grad()
     def forward_mixed(self, x: Tensor, tasks: list[str]) -> Tensor:
         """Logits of a batch whose samples name their tasks (padded with -inf to the widest head)."""
-        model = self.model
-        if hasattr(model, "forward_tasks"):
-            return model.forward_tasks(x, tasks, batching=self.options.batching)
-        if hasattr(model, "adapter_name") and hasattr(model.net, "peft_config"):
-            with routed([model.head], tasks, x.device):  # PEFT mixes its adapters per sample
-                return model.net(x, adapter_names=[model.adapter_name(t) for t in tasks])
-        raise TaskError(f"{type(model).__name__} cannot mix tasks in one batch; serve it with mode='per-request'")
+        return mixed_forward(self.model, x, tasks, self.options.batching)
 
     @torch.no_grad()
     def forward_one(self, x: Tensor, task: str) -> Tensor:
@@ -177,6 +171,19 @@ class Engine:
     def probabilities(self, logits: Tensor, tasks: list[str]) -> list[Tensor]:
         """Per sample, the softmax over its own task's classes."""
         return [logits[i, : self.model.tasks[t].num_classes].softmax(-1) for i, t in enumerate(tasks)]
+
+
+def mixed_forward(model: nn.Module, x: Tensor, tasks: list[str], batching: str = "auto") -> Tensor:
+    """A mixed-task batch through a RECAST model (``forward_tasks``) or PEFT LoRA (``adapter_names``)."""
+    if hasattr(model, "forward_tasks"):
+        return model.forward_tasks(x, tasks, batching=batching)
+    if hasattr(model, "adapter_name") and hasattr(model.net, "peft_config"):
+        missing = [t for t in dict.fromkeys(tasks) if t not in model.tasks]
+        if missing:
+            raise TaskError(f"no task named {missing[0]!r}")
+        with routed([model.head], tasks, x.device):  # PEFT mixes its adapters per sample, the head routes
+            return model.net(x, adapter_names=[model.adapter_name(t) for t in tasks])
+    raise TaskError(f"{type(model).__name__} cannot mix tasks in one batch; serve it with mode='per-request'")
 
 
 def top_k(probs: Tensor, class_names: list[str] | None, k: int) -> list[dict[str, Any]]:

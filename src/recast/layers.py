@@ -29,9 +29,10 @@ from recast.tasks import Routing, TaskModule, TaskSpec
 
 # The fixed price of one extra task group in the grouped path (gather, a small layer call, scatter:
 # a few kernel launches and copies), as the multiply-adds the device could have done meanwhile.
-# Rough figures: about 20 us on a CPU core at ~50 GFLOP/s; about 30 us of launches and syncs on a
-# GPU at ~50 TFLOP/s of matrix throughput.
-GROUP_OVERHEAD_MACS = {"cpu": 1e6, "cuda": 1.5e9}
+# CPU: measured 130-250 us per group for the recast-vit32 qkv (17 rows per group) on a 2-core x86
+# CPU doing ~44 GMAC/s on one thread. GPU: an estimate, ~30 us of launches and syncs per group at
+# ~50 TMAC/s (not measured here).
+GROUP_OVERHEAD_MACS = {"cpu": 5e6, "cuda": 1.5e9}
 
 
 def prefer_templates(

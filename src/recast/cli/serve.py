@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+
+from recast.errors import ConfigError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,7 +43,15 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_cmd_serve)
 
 
+def _require_serving_packages() -> None:
+    missing = [p for p in ("fastapi", "uvicorn", "httpx", "prometheus_client", "multipart") if importlib.util.find_spec(p) is None]
+    if missing:
+        raise ConfigError(f"serving needs {', '.join(missing)}: install them with pip install 'recast[serve]'")
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
+    _require_serving_packages()
+    # deferred: the serving stack (FastAPI, uvicorn) loads only for this command
     from recast.serve.engine import ServeOptions
     from recast.serve.server import run_server
 
@@ -77,7 +88,8 @@ def _register_bench(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from recast.serve.bench import run_all
+    _require_serving_packages()
+    from recast.serve.bench import run_all  # deferred: loads the serving stack and the client
 
     summary = run_all(
         args.out, tasks=args.tasks, concurrency=args.concurrency, requests=args.requests,

@@ -70,7 +70,7 @@ class Batcher:
         while True:
             try:
                 first = await asyncio.wait_for(self._queue.get(), timeout=self.options.reload_interval_s)
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 await self._refresh()
                 continue
             if first is None:
@@ -94,7 +94,7 @@ class Batcher:
                     break
                 try:
                     job = await asyncio.wait_for(self._queue.get(), timeout=left)
-                except TimeoutError:
+                except asyncio.TimeoutError:
                     break
             if job is None:
                 return jobs, True

@@ -203,8 +203,10 @@ def memory_probe(method: str, tasks: int) -> dict[str, Any]:
     gc.collect()
     after = resident_bytes()
     floats = sum(t.numel() for t in _task_parameters(model, "clone0000"))
+    head = sum(t.numel() for t in model.head.per_task["clone0000"].parameters())
     return {"method": method, "tasks": tasks, "rss_before": before, "rss_after": after,
-            "rss_per_task": (after - before) / tasks, "tensor_bytes_per_task": 4 * floats}
+            "rss_per_task": (after - before) / tasks, "tensor_bytes_per_task": 4 * floats,
+            "tensor_bytes_per_task_without_head": 4 * (floats - head)}
 
 
 def memory_test(counts: tuple[int, ...] = (10, 100, 1000)) -> dict[str, Any]:

@@ -150,3 +150,24 @@ def test_sigterm_ends_the_server_cleanly(model_dir, tmp_path) -> None:
     # uvicorn shuts down gracefully, then re-raises the signal so the exit says "ended by SIGTERM"
     assert process.returncode in (0, -signal.SIGTERM)
     assert "Application shutdown complete" in output and "Traceback" not in output
+
+
+def test_uncommitted_or_broken_tasks_are_never_served(server, model_dir) -> None:
+    tasks_dir = model_dir / "tasks"
+    (tasks_dir / "ghost.safetensors").write_bytes((tasks_dir / "digits.safetensors").read_bytes())
+    (tasks_dir / "ghost.json").write_text((tasks_dir / "digits.json").read_text())  # files, but no commit
+    good = read_json(model_dir / CONFIG_FILE)
+    record = read_json(model_dir / CONFIG_FILE)
+    record["task_records"]["broken"] = {**record["task_records"]["digits"], "task": "broken", "sha256": "0" * 64}
+    record["tasks"].append("broken")
+    atomic_write_json(model_dir / CONFIG_FILE, record)  # a commit pinning a file that is not there
+    time.sleep(0.5)  # several reload intervals
+    with Client(server) as client:
+        names = [t["name"] for t in client.tasks()]
+        assert "ghost" not in names and "broken" not in names and "digits" in names
+        for task in ("ghost", "broken"):
+            with pytest.raises(ServeError) as info:
+                client.predict(task, [png_bytes(1)])
+            assert info.value.status == 404
+        assert client.predict("digits", [png_bytes(1)])[0]["top"]
+    atomic_write_json(model_dir / CONFIG_FILE, good)  # leave the shared directory as it was

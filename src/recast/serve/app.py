@@ -86,7 +86,8 @@ def create_app(engine: Engine) -> FastAPI:
             probs = await batcher.submit(task, images)
         except TaskError:
             raise ApiError(404, engine.unknown_task_message(task)) from None
-        class_names = engine.model.tasks[task].class_names if task in engine.model.tasks else None
+        info = engine.model.tasks.get(task)
+        class_names = info.class_names if info is not None else None
         body = {"task": task, "predictions": [
             {"image": name, "top": top_k(p, class_names, k)} for (name, _), p in zip(uploads, probs, strict=True)]}
         metrics.latency.observe(time.perf_counter() - started)
@@ -102,11 +103,11 @@ def create_app(engine: Engine) -> FastAPI:
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
         metrics.requests.labels("/healthz", "200").inc()
-        return JSONResponse({"status": "ok", "tasks": len(engine.model.tasks), "mode": engine.options.mode})
+        return JSONResponse({"status": "ok", "tasks": len(engine.served), "mode": engine.options.mode})
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        metrics.tasks.set(len(engine.model.tasks))
+        metrics.tasks.set(len(engine.served))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
@@ -139,7 +140,7 @@ async def _read_predict_form(request: Request, engine: Engine) -> tuple[str, lis
     files = [f for f in form.getlist("image") if isinstance(f, UploadFile)]
     if not files:
         raise ApiError(400, "no file in form field 'image': upload one or more images")
-    if task not in engine.model.tasks:
+    if task not in engine.served:
         raise ApiError(404, engine.unknown_task_message(task))
     uploads = [(f.filename or f"image{i}", await f.read()) for i, f in enumerate(files)]
     return task, uploads, _top_k(form.get("top_k"))

@@ -86,12 +86,13 @@ class Engine:
         self._stamp: tuple[int, int, int] | None = None
         self._pinned: dict[str, str | None] = {}
         self.model: nn.Module = load_method(self.directory).eval()
+        self.served: frozenset[str] = frozenset(self.model.tasks)  # replaced whole, so other threads read it safely
         self.transform = transforms_for(self.model.net, train=False)
         self.refresh()
 
     # ------------------------------------------------------------------------------------- tasks
     def task_names(self) -> list[str]:
-        """The tasks that can be asked for now."""
+        """The tasks that can be asked for now (call on the batching thread)."""
         return list(self.model.tasks)
 
     def describe(self, name: str) -> dict[str, Any]:
@@ -101,7 +102,7 @@ class Engine:
 
     def unknown_task_message(self, name: str) -> str:
         """What to say when ``name`` is not a task: a few known ones and where to see all."""
-        known = sorted(self.model.tasks)
+        known = sorted(self.served)
         shown = ", ".join(known[:5]) + (f" and {len(known) - 5} more" if len(known) > 5 else "")
         return f"no task named {name!r}; known tasks: {shown or 'none'} (GET /v1/tasks lists all)"
 
@@ -142,7 +143,8 @@ class Engine:
                 self._pinned[name] = sha
             except RecastError as exc:
                 LOG.warning("task %r not loaded: %s", name, exc)
-        return set(self.model.tasks) != before
+        self.served = frozenset(self.model.tasks)
+        return self.served != before
 
     # ----------------------------------------------------------------------------------- images
     def decode(self, data: bytes, filename: str) -> Tensor:

@@ -171,3 +171,17 @@ def test_uncommitted_or_broken_tasks_are_never_served(server, model_dir) -> None
             assert info.value.status == 404
         assert client.predict("digits", [png_bytes(1)])[0]["top"]
     atomic_write_json(model_dir / CONFIG_FILE, good)  # leave the shared directory as it was
+
+
+def test_chunked_oversized_upload_and_cli_errors(server, tmp_path) -> None:
+    def body():  # no Content-Length: the limit is enforced while reading
+        yield b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+        for _ in range(8):
+            yield b"\0" * 10_000
+        yield b"\r\n--xyz--\r\n"
+
+    response = httpx.post(f"{server}/v1/predict", content=body(),
+                          headers={"content-type": "multipart/form-data; boundary=xyz"})
+    assert response.status_code == 413 and "limit" in response.json()["error"]["message"]
+    assert cli_main(["serve", str(tmp_path / "missing")]) == 2
+    assert cli_main(["serve", str(tmp_path), "--workers", "0"]) == 2

@@ -14,8 +14,8 @@ import torch
 from recast import RecastModel
 from recast.cli import main as cli_main
 from recast.client import AsyncClient, Client, ServeError
+from recast.format import CONFIG_FILE
 from recast.io import atomic_write_json, read_json
-from recast.model import CONFIG_FILE
 from tests.serve.conftest import CLASSES, png_bytes
 
 

@@ -20,9 +20,8 @@ from torch import Tensor, nn
 
 from recast.data.transforms import transforms_for
 from recast.errors import ConfigError, FileFormatError, RecastError, TaskError
-from recast.io import read_json
+from recast.format import CONFIG_FILE, ModelStore
 from recast.methods import load_method
-from recast.model import CONFIG_FILE
 from recast.tasks import BATCHING_MODES, routed
 
 LOG = logging.getLogger("recast.serve")
@@ -85,6 +84,7 @@ class Engine:
             torch.set_num_threads(self.options.threads)
         self._stamp: tuple[int, int, int] | None = None
         self._pinned: dict[str, str | None] = {}
+        self.store = ModelStore(self.directory)
         self.model: nn.Module = load_method(self.directory).eval()
         self.served: frozenset[str] = frozenset(self.model.tasks)  # replaced whole, so other threads read it safely
         self.transform = transforms_for(self.model.net, train=False)
@@ -112,24 +112,20 @@ class Engine:
         Cheap when nothing changed (one ``stat``). Returns whether the task list changed. A task
         that fails to load is logged and tried again at the next commit; the others still load.
         """
-        path = self.directory / CONFIG_FILE
         try:
-            stat = path.stat()
+            stat = self.store.config_path.stat()
         except FileNotFoundError:
             return False
         stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
         if stamp == self._stamp:
             return False
         try:
-            record = read_json(path)
+            records = self.store.task_records()
         except FileFormatError as exc:
-            LOG.warning("cannot read %s: %s", path, exc)
+            LOG.warning("cannot read the tasks of %s: %s", self.directory, exc)
             return False
         self._stamp = stamp
-        pinned = {name: rec.get("sha256") for name, rec in (record.get("task_records") or {}).items()
-                  if isinstance(rec, dict)}
-        if not pinned:  # an older directory without pins: its task list is all there is
-            pinned = {name: None for name in record.get("tasks", [])}
+        pinned = {name: rec.get("sha256") if isinstance(rec, dict) else None for name, rec in records.items()}
         before = set(self.model.tasks)
         for name in [t for t in self.model.tasks if t not in pinned]:
             self.model.delete_task(name)

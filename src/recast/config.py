@@ -17,15 +17,18 @@ class RecastConfig:
 
     Attributes:
         target: ``"att"`` (ViT ``attn.qkv``), ``"mlp"`` (``mlp.fc1``/``fc2``), ``"att+mlp"``,
-            ``"conv"`` (ResNet convolutions of every block but the first of each stage), or a
-            tuple of module-name patterns (``fnmatch`` syntax, e.g. ``"blocks.*.attn.proj"``).
+            ``"conv"`` (in every block but the first of each stage: a ResNet's convolutions, an
+            EfficientNet's pointwise ``conv_pw``/``conv_pwl``), or a tuple of module-name
+            patterns (``fnmatch`` syntax, e.g. ``"blocks.*.attn.proj"``).
         groups: G, how many consecutive groups the layers of one role are cut into (one bank per
             group and role). ``None`` means the paper's choice: 6 for ViT targets, one group per
-            role for ``conv`` and patterns (a ResNet role is already one stage).
+            role for ``conv`` and patterns (a conv role is already one stage).
         templates: n, templates per bank. ``None`` means as many as layers per group, which makes
             Neural Mimicry exact. Fewer compresses the backbone; more adds spare directions.
         coef_sets: K, coefficient sets per module, averaged (K > 1 changes optimisation only).
         exclude: module-name patterns never rewritten, on top of the preset's own exclusions.
+        depthwise: with target ``"conv"``, also rewrite an EfficientNet's depthwise ``conv_dw``
+            (more coefficients per task; ResNets have none, so nothing changes there).
     """
 
     target: str | tuple[str, ...] = "att"
@@ -33,6 +36,7 @@ class RecastConfig:
     templates: int | None = None
     coef_sets: int = 2
     exclude: tuple[str, ...] = field(default_factory=tuple)
+    depthwise: bool = False
 
     def __post_init__(self) -> None:
         target = self.target
@@ -52,6 +56,11 @@ class RecastConfig:
         _check_positive("groups", self.groups, optional=True)
         _check_positive("templates", self.templates, optional=True)
         _check_positive("coef_sets", self.coef_sets, optional=False)
+        if not isinstance(self.depthwise, bool):
+            raise ConfigError(f"depthwise must be true or false, got {self.depthwise!r}")
+        if self.depthwise and self.target != "conv":
+            raise ConfigError(f"depthwise=True applies to target 'conv' only, not {self.target!r}; "
+                              "name depthwise layers in target patterns instead (e.g. 'blocks.*.*.conv_dw')")
 
     @property
     def is_preset(self) -> bool:
@@ -69,6 +78,8 @@ class RecastConfig:
         data = asdict(self)
         data["target"] = self.target if self.is_preset else list(self.target)
         data["exclude"] = list(self.exclude)
+        if not self.depthwise:  # written only when set, so files of configs without it stay as they were
+            del data["depthwise"]
         return data
 
     @classmethod
@@ -80,7 +91,7 @@ class RecastConfig:
         """
         if not isinstance(data, dict):
             raise ConfigError(f"a RECAST config must be a JSON object, got {type(data).__name__}")
-        known = {"target", "groups", "templates", "coef_sets", "exclude"}
+        known = {"target", "groups", "templates", "coef_sets", "exclude", "depthwise"}
         unknown = sorted(set(data) - known, key=str)
         if unknown:
             raise ConfigError(f"unknown config keys {unknown}; allowed: {sorted(known)}")
@@ -98,6 +109,7 @@ class RecastConfig:
             templates=data.get("templates"),
             coef_sets=data.get("coef_sets", 2),
             exclude=tuple(exclude),
+            depthwise=data.get("depthwise", False),
         )
 
     def to_json(self) -> str:

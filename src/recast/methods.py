@@ -22,11 +22,12 @@ from recast.errors import ConfigError
 from recast.format import BASELINE_FORMAT, ModelStore
 from recast.model import RecastModel
 from recast.protocol import TaskModel
+from recast.surgery import pointwise_convs
 
 ALL_ARCHS = ("vit", "resnet", "effnet", "other")
 TARGET_FITS = {"att": ("vit",), "mlp": ("vit",), "att+mlp": ("vit",), "conv": ("resnet", "effnet")}
 AUTO_TARGET = {"vit": "att", "resnet": "conv", "effnet": "conv"}  # method "recast", by architecture
-CONFIG_KEYS = ("target", "groups", "templates", "coef_sets", "exclude")
+CONFIG_KEYS = ("target", "groups", "templates", "coef_sets", "exclude", "depthwise")
 LR_KEYS = {"head_lr": "head", "coef_lr": "coefficients", "adapter_lr": "adapter", "mask_lr": "adapter"}
 
 
@@ -47,7 +48,7 @@ def method_specs() -> dict[str, MethodSpec]:
         specs[name] = MethodSpec(target="none", adapter=name, fits=entry.fits)
         both = tuple(a for a in entry.fits if a in TARGET_FITS[entry.recast_target])
         specs[f"recast+{name}"] = MethodSpec(target=entry.recast_target, adapter=name, fits=both)
-    specs["lora"] = MethodSpec(baseline="lora", fits=("vit",))
+    specs["lora"] = MethodSpec(baseline="lora", fits=("vit", "effnet"))
     specs["vera"] = MethodSpec(baseline="vera", fits=("vit",))
     specs["linear"] = MethodSpec(target="none")
     specs["full"] = MethodSpec(baseline="full")
@@ -72,8 +73,8 @@ def _split_lrs(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float
 def build_method(method: str, base: nn.Module, **options: Any) -> TaskModel:
     """The model for ``method`` around a copy of ``base`` (``base`` is not changed).
 
-    Options: RECAST's ``target`` / ``groups`` / ``templates`` / ``coef_sets`` / ``exclude`` and
-    ``mimicry``; the adapter's own (``rank``, ``alpha``, ``scale``, ``threshold``, ``init``,
+    Options: RECAST's ``target`` / ``groups`` / ``templates`` / ``coef_sets`` / ``exclude`` /
+    ``depthwise`` and ``mimicry``; ``own_bn`` (every task keeps its own BatchNorm statistics); the adapter's own (``rank``, ``alpha``, ``scale``, ``threshold``, ``init``,
     ``scope``, ``kernel_size``); learning rates ``head_lr``, ``coef_lr``, ``adapter_lr`` (alias
     ``mask_lr``); for ``lora`` / ``vera``: ``rank``, ``alpha``, ``targets``, ``dropout``,
     ``projection_prng_key``. All are recorded in every task file.
@@ -89,6 +90,8 @@ def build_method(method: str, base: nn.Module, **options: Any) -> TaskModel:
         )
     options, lrs = _split_lrs(options)
     if spec.baseline is not None:
+        if spec.baseline == "lora" and "targets" not in options and arch == "effnet":
+            options["targets"] = pointwise_convs(base)  # PEFT adapts 1x1 convs; ViTs keep the default qkv
         model = build_baseline(spec.baseline, base, **options)
         model.lrs = {("backbone" if spec.baseline == "full" and k == "adapter" else k): v for k, v in lrs.items()}
         return model
@@ -101,6 +104,7 @@ def _build_recast(
     """A ``RecastModel`` for a method of RECAST, an adapter, or the linear probe."""
     fields = {k: options.pop(k) for k in CONFIG_KEYS if k in options}
     mimicry = options.pop("mimicry", "svd")
+    own_bn = _own_bn_option(options.pop("own_bn", False), base)
     if spec.target == "none" and "target" in fields:
         instead = f"'recast+{spec.adapter}'" if spec.adapter else "'recast'"
         raise ConfigError(f"method {method!r} uses no RECAST target; use {instead} to combine it with one")
@@ -114,8 +118,18 @@ def _build_recast(
     if spec.adapter is not None:
         model.add_adapter(spec.adapter, **options)
     model.method, model.lrs = method, lrs
-    model.method_options = {"target": target, **fields, "mimicry": mimicry, **options}
+    model.method_options = {"target": target, **fields, "mimicry": mimicry, **options,
+                            **({"own_bn": True} if own_bn else {})}
     return model
+
+
+def _own_bn_option(value: Any, base: nn.Module) -> bool:
+    """The ``own_bn`` option checked: a bool, and BatchNorm layers to keep per task when true."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"own_bn must be true or false, got {value!r}")
+    if value and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in base.modules()):
+        raise ConfigError(f"own_bn=true needs BatchNorm layers, and this {type(base).__name__} has none")
+    return value
 
 
 def load_method(directory: str | Path, base: nn.Module | None = None) -> TaskModel:

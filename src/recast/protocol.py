@@ -133,7 +133,11 @@ class TaskModel(nn.Module):
         init_from: str | None = None,
         meta: dict[str, Any] | None = None,
     ) -> None:
-        """Add a task with fresh state (or a copy of ``init_from``'s) and a new head; not activated."""
+        """Add a task with fresh state (or a copy of ``init_from``'s) and a new head; not activated.
+
+        The method option ``own_bn`` (see ``recast.methods``) gives every task its own BatchNorm statistics.
+        """
+        own_bn = bool(own_bn) or bool(self.method_options.get("own_bn", False))
         check_task_name(name)
         if name in self.tasks:
             raise TaskError(f"task {name!r} already exists; delete_task({name!r}) first or pick another name")

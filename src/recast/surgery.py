@@ -1,8 +1,9 @@
 """Choosing the layers to rewrite, grouping them into banks, and swapping modules in place.
 
 Layers are selected by stable module names (``blocks.*.attn.qkv``), never by position. A layer's
-*role* is its name with block indices replaced by ``*``; layers of one role and shape are cut into
-G consecutive groups, and each (group, role) gets one bank.
+*role* is its name with block indices replaced by ``*`` (a stage index stays: ``blocks.2.1.conv_pw``
+has role ``blocks.2.*.conv_pw``); layers of one role and shape are cut into G consecutive groups,
+and each (group, role) gets one bank.
 """
 
 from __future__ import annotations
@@ -23,10 +24,14 @@ PRESET_PATTERNS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "att": (("blocks.*.attn.qkv",), ()),
     "mlp": (("blocks.*.mlp.fc1", "blocks.*.mlp.fc2"), ()),
     "att+mlp": (("blocks.*.attn.qkv", "blocks.*.mlp.fc1", "blocks.*.mlp.fc2"), ()),
-    # ResNet: every block but the first of each stage; stem, downsample, fc stay plain.
-    "conv": (("layer*.*.conv*",), ("layer*.0.*",)),
+    # Every block but the first of each stage (it changes width or stride); stem, downsample, head
+    # stay plain. ResNet: the block's convs. EfficientNet (timm ``blocks.STAGE.BLOCK``): the
+    # pointwise expansion and projection convs (``depthwise=True`` adds ``conv_dw``).
+    "conv": (("layer*.*.conv*", "blocks.*.*.conv_pw", "blocks.*.*.conv_pwl"), ("layer*.0.*", "blocks.*.0.*")),
     "none": ((), ()),
 }
+DEPTHWISE_PATTERNS = ("blocks.*.*.conv_dw",)
+POINTWISE_PATTERNS = ("blocks.*.*.conv_pw", "blocks.*.*.conv_pwl")
 HEAD_NAMES = ("head", "fc", "classifier", "head.fc", "last_linear")
 
 
@@ -41,8 +46,15 @@ class BankPlan:
 
 
 def role_of(name: str) -> str:
-    """``blocks.3.attn.qkv`` -> ``blocks.*.attn.qkv``: the name with numeric parts replaced."""
-    return ".".join("*" if part.isdigit() else part for part in name.split("."))
+    """``blocks.3.attn.qkv`` -> ``blocks.*.attn.qkv``: the name with block indices replaced by ``*``.
+
+    A number followed directly by another number is a stage index (timm's EfficientNets name
+    layers ``blocks.STAGE.BLOCK.conv_pw``) and stays, so each stage has roles of its own:
+    ``blocks.2.1.conv_pw`` -> ``blocks.2.*.conv_pw``.
+    """
+    parts = name.split(".")
+    stage = [p.isdigit() and i + 1 < len(parts) and parts[i + 1].isdigit() for i, p in enumerate(parts)]
+    return ".".join("*" if part.isdigit() and not keep else part for part, keep in zip(parts, stage, strict=True))
 
 
 def _bank_key(role: str, shape_tag: str, group: int) -> str:
@@ -54,9 +66,21 @@ def target_patterns(config: RecastConfig) -> tuple[tuple[str, ...], tuple[str, .
     """Include and exclude patterns for a config (presets expand to their patterns)."""
     if config.is_preset:
         include, exclude = PRESET_PATTERNS[config.target]
+        if config.depthwise:
+            include = include + DEPTHWISE_PATTERNS
     else:
         include, exclude = config.target, ()
     return tuple(include), tuple(exclude) + tuple(config.exclude)
+
+
+def pointwise_convs(net: nn.Module) -> list[str]:
+    """Names of an EfficientNet's pointwise convs (``conv_pw``, ``conv_pwl`` of every block).
+
+    LoRA targets these on EfficientNets: they hold most of the weights, and PEFT adapts 1x1
+    convs exactly like linear layers.
+    """
+    return [name for name, module in net.named_modules()
+            if isinstance(module, nn.Conv2d) and any(fnmatchcase(name, p) for p in POINTWISE_PATTERNS)]
 
 
 def candidates(net: nn.Module) -> list[str]:
@@ -162,8 +186,11 @@ def install_head(net: nn.Module, head_name: str) -> TaskHead:
 
 
 def wrap_batchnorms(net: nn.Module) -> int:
-    """Wrap every plain BatchNorm1d/2d in a ``TaskBatchNorm``; returns how many were wrapped."""
-    names = [n for n, m in net.named_modules() if type(m) in (nn.BatchNorm1d, nn.BatchNorm2d)]
+    """Wrap every plain BatchNorm1d/2d (and timm's BatchNormAct2d) in a ``TaskBatchNorm``; returns how many."""
+    from timm.layers import BatchNormAct2d  # deferred: timm is slow to import and only needed here
+
+    kinds = (nn.BatchNorm1d, nn.BatchNorm2d, BatchNormAct2d)
+    names = [n for n, m in net.named_modules() if type(m) in kinds]
     for name in names:
         net.set_submodule(name, TaskBatchNorm(net.get_submodule(name)))
     return len(names)

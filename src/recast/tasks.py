@@ -245,6 +245,7 @@ class TaskBatchNorm(TaskModule):
 
     The affine weights stay the pretrained ones; a task with ``own_bn`` stores running mean and
     variance (and updates them while it trains), which fixes the reference release's hidden drift.
+    A wrapped timm ``BatchNormAct2d`` keeps its dropout and activation after the normalisation.
     """
 
     def __init__(self, bn: nn.BatchNorm1d | nn.BatchNorm2d) -> None:
@@ -276,9 +277,13 @@ class TaskBatchNorm(TaskModule):
     def forward_task(self, x: Tensor, task: str) -> Tensor:
         mean, var, own = self._stats(task)
         momentum = 0.1 if self.bn.momentum is None else self.bn.momentum
-        return F.batch_norm(
+        out = F.batch_norm(
             x, mean, var, self.bn.weight, self.bn.bias, self.training and own, momentum, self.bn.eps
         )
+        for after in (getattr(self.bn, "drop", None), getattr(self.bn, "act", None)):  # BatchNormAct2d only
+            if after is not None:
+                out = after(out)
+        return out
 
     def to_plain(self, task: str) -> nn.Module:
         plain = copy.deepcopy(self.bn)

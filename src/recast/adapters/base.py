@@ -90,12 +90,18 @@ class AdapterModule(TaskModule):
 
 
 def architecture(net: nn.Module) -> str:
-    """``"vit"`` (timm-style ``blocks.*.attn.qkv``), ``"resnet"`` (``layer*.*.conv*``) or ``"other"``."""
+    """The family of ``net``, which decides the methods and adapters that fit it.
+
+    ``"vit"`` (timm-style ``blocks.*.attn.qkv``), ``"resnet"`` (``layer*.*.conv*``), ``"effnet"``
+    (timm's EfficientNet/MobileNet blocks: ``blocks.STAGE.BLOCK.conv_pw``) or ``"other"``.
+    """
     names = [name for name, _ in net.named_modules()]
     if any(fnmatchcase(n, "blocks.*.attn.qkv") for n in names):
         return "vit"
     if any(fnmatchcase(n, "layer*.*.conv*") for n in names):
         return "resnet"
+    if any(fnmatchcase(n, "blocks.*.*.conv_pw") for n in names):
+        return "effnet"
     return "other"
 
 

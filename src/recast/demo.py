@@ -173,6 +173,7 @@ def draw_picture(rows: list[dict], records: list[dict[str, Any]], path: Path) ->
         plot.annotate(record["method"], (size, record["average_accuracy"]), fontsize=9, xytext=(4, 3),
                       textcoords="offset points")
     plot.set_xscale("log")
+    plot.tick_params(axis="x", which="minor", labelbottom=False)
     plot.set_xlabel("bytes on disk per task (log)")
     plot.set_ylabel("average test accuracy")
     plot.set_title("accuracy vs. bytes per task", fontsize=10)

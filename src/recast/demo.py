@@ -23,9 +23,10 @@ from recast.backbones import load_backbone
 from recast.io import read_json
 
 DEMO_BACKBONE = "effnet-lite0"
-# Images per second on 2 otherwise idle CPU cores at 96 px, measured with timm's EfficientNet-Lite0;
-# the estimate scales them by (96 / size)^2. Methods that train layers inside the network need a
-# backward pass through it; the linear probe only a forward one.
+# Training images per second on 2 otherwise idle CPU cores at 96 px, from one measurement of timm's
+# EfficientNet-Lite0 there (forward 170 images/s, forward and backward 57/s): the linear probe needs
+# only the forward pass, RECAST a backward pass through the network; LoRA's extra convs and full
+# fine-tuning's optimiser step are taken as slower. The estimate scales them by (96 / size)^2.
 _RATES = {"recast": 55.0, "linear": 170.0, "lora": 45.0, "full": 35.0}
 _EVAL_RATE = 170.0
 # (training, test) images of the demo's built-in tasks; a tenth of training is held out for validation.
@@ -104,20 +105,24 @@ def _count(number: int, noun: str) -> str:
 
 
 def results_table(records: list[dict[str, Any]]) -> str:
-    """One row per method: per-task numbers and bytes, each task's final test accuracy, the average."""
+    """One row per method: per-task numbers and bytes (means over tasks), each task's final test accuracy."""
     tasks = [t["name"] for t in records[0]["tasks"]]
-    header = f"{'method':<8} {'coefs':>7} {'head':>6} {'other':>8} {'bytes':>9} " + \
-        " ".join(f"{name:>7}" for name in tasks) + f" {'average':>8}"
+    widths = [max(7, len(name)) for name in tasks]
+    header = f"{'method':<8} {'coefs':>7} {'head':>7} {'other':>8} {'bytes':>9} " + \
+        " ".join(f"{name:>{w}}" for name, w in zip(tasks, widths, strict=True)) + f" {'average':>8}"
     lines = [header, "-" * len(header)]
     for record in records:
-        params = record["tasks"][0]["params"]
-        other = sum(v for k, v in params.items() if k not in ("coefficients", "head"))
-        size = sum(t["bytes"] or 0 for t in record["tasks"]) / len(record["tasks"])
+        count = len(record["tasks"])
+        mean = {kind: sum(t["params"].get(kind, 0) for t in record["tasks"]) / count
+                for kind in {k for t in record["tasks"] for k in t["params"]}}
+        other = sum(v for k, v in mean.items() if k not in ("coefficients", "head"))
+        size = sum(t["bytes"] or 0 for t in record["tasks"]) / count
         final = record["accuracy_matrix"][-1]
-        lines.append(f"{record['method']:<8} {params.get('coefficients', 0):>7,} {params.get('head', 0):>6,} "
-                     f"{other:>8,} {size:>9,.0f} " + " ".join(f"{a:>7.3f}" for a in final)
+        lines.append(f"{record['method']:<8} {mean.get('coefficients', 0):>7,.0f} {mean.get('head', 0):>7,.0f} "
+                     f"{other:>8,.0f} {size:>9,.0f} "
+                     + " ".join(f"{a:>{w}.3f}" for a, w in zip(final, widths, strict=True))
                      + f" {record['average_accuracy']:>8.3f}")
-    lines.append("(per-task numbers and bytes of the first task; accuracy on each task's test split after all "
+    lines.append("(numbers and bytes per task: means over the tasks; accuracy: each task's test split after all "
                  "tasks were learned)")
     return "\n".join(lines)
 

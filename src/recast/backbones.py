@@ -106,13 +106,11 @@ def _shipped_entry(name: str) -> dict[str, Any]:
     return registry[name]
 
 
-def load_backbone(spec: str, *, weights: str | None = None, num_classes: int | None = None,
-                  image_size: int | None = None) -> nn.Module:
+def load_backbone(spec: str, *, weights: str | None = None, num_classes: int | None = None) -> nn.Module:
     """The pretrained model ``spec`` names (see the module docstring), in eval mode.
 
     ``num_classes`` replaces the classifier with a fresh one of that size (the recipe follows);
-    left ``None``, the model keeps the head it was pretrained with. ``image_size`` sets the input
-    resolution its transforms use (see :func:`set_image_size`).
+    left ``None``, the model keeps the head it was pretrained with.
     """
     kind, _, name = spec.partition(":")
     if spec in shipped_registry() or kind == "shipped":
@@ -128,31 +126,7 @@ def load_backbone(spec: str, *, weights: str | None = None, num_classes: int | N
                           f"({', '.join(sorted(shipped_registry()))})")
     if num_classes is not None:
         set_num_classes(model, num_classes)
-    if image_size is not None:
-        set_image_size(model, image_size)
     return model.eval()
-
-
-def set_image_size(model: nn.Module, size: int) -> None:
-    """Make ``size`` x ``size`` the input resolution of ``model``'s data config (and of its recipe).
-
-    Convolutional networks take any size; the transforms (``recast.data.transforms``) read it from
-    the data config, and a model rebuilt from its recipe gets the same config. A ViT built for one
-    patch grid refuses another size.
-    """
-    if isinstance(size, bool) or not isinstance(size, int) or size < 8:
-        raise ConfigError(f"image size must be an integer of at least 8 pixels, got {size!r}")
-    fixed = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if fixed is not None and tuple(fixed) != (size, size) and not getattr(model, "dynamic_img_size", False):
-        raise ConfigError(f"this {type(model).__name__} is built for {tuple(fixed)} px inputs and cannot take "
-                          f"{size} px; use a convolutional backbone (effnet-lite0, recast-resnet32) to change the size")
-    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
-    model.pretrained_cfg = {**cfg, "input_size": (3, size, size)}
-    model.default_cfg = model.pretrained_cfg
-    recipe = model.__dict__.get("recast_recipe")
-    if recipe is not None:
-        overlay = dict(recipe["kwargs"].get("pretrained_cfg_overlay") or {})
-        recipe["kwargs"]["pretrained_cfg_overlay"] = {**overlay, "input_size": [3, size, size]}
 
 
 def set_num_classes(model: nn.Module, num_classes: int) -> None:

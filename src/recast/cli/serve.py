@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 
-from recast.errors import ConfigError
+from recast.serve.bench import run_all
+from recast.serve.engine import ServeOptions
+from recast.serve.server import run_server
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,18 +44,7 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_cmd_serve)
 
 
-def _require_serving_packages() -> None:
-    missing = [p for p in ("fastapi", "uvicorn", "httpx", "prometheus_client", "multipart") if importlib.util.find_spec(p) is None]
-    if missing:
-        raise ConfigError(f"serving needs {', '.join(missing)}: install them with pip install 'recast[serve]'")
-
-
 def _cmd_serve(args: argparse.Namespace) -> int:
-    _require_serving_packages()
-    # deferred: the serving stack (FastAPI, uvicorn) loads only for this command
-    from recast.serve.engine import ServeOptions
-    from recast.serve.server import run_server
-
     options = ServeOptions(
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         max_images=args.max_images, reload_interval_s=args.reload_interval, mode=args.mode, batching=args.batching,
@@ -88,9 +78,6 @@ def _register_bench(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    _require_serving_packages()
-    from recast.serve.bench import run_all  # deferred: loads the serving stack and the client
-
     summary = run_all(
         args.out, tasks=args.tasks, concurrency=args.concurrency, requests=args.requests,
         memory_tasks=args.memory_tasks, micro_batch=args.micro_batch, micro_repeats=args.micro_repeats,

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from recast.config import RecastConfig
@@ -61,8 +63,6 @@ def compression_curve(
 def plot_curve(points: list[dict[str, Any]], path: str | Path, title: str = "Neural Mimicry: fidelity vs size") -> Path:
     """Write a PNG: relative weight error (and feature cosine) and backbone size against n."""
     # Deferred: matplotlib takes most of a second to import and only the plot needs it.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     ns = [p["templates"] for p in points]
     figure = Figure(figsize=(6.4, 4.4), dpi=120, layout="constrained")

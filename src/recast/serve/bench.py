@@ -9,6 +9,8 @@ measure speed, not accuracy. Each server runs in its own process on 127.0.0.1 an
 from __future__ import annotations
 
 import asyncio
+import gc
+import io
 import json
 import os
 import random
@@ -23,11 +25,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
+import timm
 import torch
+from PIL import Image
 from torch import nn
 
+from recast.backbones import load_backbone
 from recast.client import AsyncClient
 from recast.io import atomic_write_json
+from recast.methods import build_method
+from recast.serve.engine import mixed_forward
 
 SERVERS = (("recast-mixed", "recast", "mixed"), ("recast-set-task", "recast", "per-request"), ("lora-mixed", "lora", "mixed"))
 
@@ -57,9 +65,6 @@ def _task_parameters(model: nn.Module, task: str) -> list[torch.Tensor]:
 
 def build_served_model(method: str, tasks: int, directory: Path, seed: int = 0) -> Path:
     """``recast-vit32`` as ``method`` (``recast``: RECAST-Att; ``lora``: PEFT LoRA r=8) with cloned tasks, saved."""
-    from recast.backbones import load_backbone
-    from recast.methods import build_method
-
     model = build_method(method, load_backbone("recast-vit32"), **({"rank": 8} if method == "lora" else {}))
     clone_tasks(model, tasks, seed=seed)
     model.save_pretrained(directory)
@@ -74,11 +79,6 @@ def _free_port() -> int:
 
 
 def _image_bytes(seed: int) -> bytes:
-    import io
-
-    import numpy as np
-    from PIL import Image
-
     buffer = io.BytesIO()
     pixels = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(buffer, format="PNG")
@@ -191,11 +191,6 @@ def resident_bytes() -> int:
 
 def memory_probe(method: str, tasks: int) -> dict[str, Any]:
     """In this (fresh) process: RSS of ``recast-vit32`` as ``method`` before and after adding ``tasks`` tasks."""
-    import gc
-
-    from recast.backbones import load_backbone
-    from recast.methods import build_method
-
     model = build_method(method, load_backbone("recast-vit32"), **({"rank": 8} if method == "lora" else {}))
     gc.collect()
     before = resident_bytes()
@@ -236,11 +231,6 @@ def micro_benchmark(batch: int = 32, repeats: int = 10, size: int = 224, seed: i
     Cases: one task; ``batch`` distinct tasks through the template path, grouping and the cost
     model's choice; PEFT LoRA r=8 on the fused qkv with ``batch`` adapters, one adapter and mixed.
     """
-    import timm
-
-    from recast.methods import build_method
-    from recast.serve.engine import mixed_forward
-
     torch.manual_seed(seed)
     base = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=size, num_classes=10).eval()
     x = torch.randn(batch, 3, size, size)

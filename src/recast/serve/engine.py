@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from recast.data.transforms import transforms_for
 from recast.errors import ConfigError, FileFormatError, RecastError, TaskError
-from recast.format import CONFIG_FILE, ModelStore
+from recast.format import ModelStore, is_model_directory
 from recast.methods import load_method
 from recast.tasks import BATCHING_MODES, routed
 
@@ -78,8 +78,8 @@ class Engine:
     def __init__(self, directory: str | Path, options: ServeOptions | None = None) -> None:
         self.directory = Path(directory)
         self.options = options or ServeOptions()
-        if not (self.directory / CONFIG_FILE).is_file():
-            raise FileFormatError(f"{self.directory}: not a recast model directory (no {CONFIG_FILE})")
+        if not is_model_directory(self.directory):
+            raise FileFormatError(f"{self.directory}: not a recast model directory (it has no model config)")
         if self.options.threads:
             torch.set_num_threads(self.options.threads)
         self._stamp: tuple[int, int, int] | None = None

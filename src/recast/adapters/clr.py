@@ -1,4 +1,4 @@
-"""CLR (channel-wise lightweight reprogramming): a depthwise 3x3 conv after every conv of a ResNet.
+"""CLR (channel-wise lightweight reprogramming): a depthwise 3x3 conv after every conv of a ConvNet.
 
 Per conv and task: a ``(C, 1, 3, 3)`` depthwise kernel initialised to the identity (a 1 at the
 centre), so a new task starts exactly at the wrapped conv's output. ResNet-18 has 4,800 conv output
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from recast.adapters.base import CONV_TYPES, AdapterModule, install, matching, register_adapter
+from recast.adapters.base import CONV_TYPES, AdapterModule, architecture, install, matching, register_adapter
 from recast.tasks import TaskSpec
 
 if TYPE_CHECKING:
@@ -56,9 +56,18 @@ class ClrConv(AdapterModule):
         return f"channels={self.channels}, kernel_size={self.kernel_size}"
 
 
-@register_adapter("clr", fits=("resnet",), recast_target="conv")
-def attach(model: RecastModel, kernel_size: int = 3, patterns: tuple[str, ...] = ("conv1", "layer*")) -> None:
-    """Follow every conv of a ResNet (stem, blocks and downsample, plain or generated) by CLR."""
-    names = matching(model.net, patterns, CONV_TYPES)
+DEFAULT_PATTERNS = {  # every conv: stem, blocks (and downsample), head conv
+    "resnet": ("conv1", "layer*"),
+    "effnet": ("conv_stem", "blocks.*", "conv_head"),
+}
+
+
+@register_adapter("clr", fits=tuple(DEFAULT_PATTERNS), recast_target="conv")
+def attach(model: RecastModel, kernel_size: int = 3, patterns: tuple[str, ...] | None = None) -> None:
+    """Follow every conv of a ResNet or EfficientNet (plain or generated) by CLR.
+
+    ``patterns`` (module-name patterns) default to every conv of the architecture.
+    """
+    names = matching(model.net, patterns or DEFAULT_PATTERNS[architecture(model.net)], CONV_TYPES)
     names = [n for n in names if not any(n.startswith(other + ".") for other in names)]  # outermost only
     install(model, names, lambda inner: ClrConv(inner, kernel_size))

@@ -87,6 +87,18 @@ def offline_suite(quick: bool = False) -> Suite:
                  seeds=(42,) if quick else PAPER_SEEDS, max_train_images=1000 if quick else None)
 
 
+def effnet_suite() -> Suite:
+    """The six built-in tasks on EfficientNet-Lite0's ImageNet weights, sized for a 2-core CPU.
+
+    96 px, at most 1,000 training images per task, 10 epochs. ``recast`` is the conv preset (76
+    coefficients per task); ``recast:bn`` adds per-task BatchNorm statistics (counted as "other").
+    """
+    methods = ("recast", "recast:bn", "linear", "lora", "full", "clr", "recast+clr", "piggyback", "recast+piggyback")
+    backbone = BenchBackbone("effnet-lite0", "effnet-lite0", methods, {"recast:bn": {"own_bn": True}})
+    train = {"epochs": 10, "step_size": 7, "batch_size": 64, "lr": 2e-3, "image_size": 96}
+    return Suite("effnet", tuple(offline_entries()), (backbone,), train, max_train_images=1000)
+
+
 def paper_suite(data_root: str | Path) -> Suite:
     """The paper's protocol: ViT-S/16 and ResNet-34 with hub weights, six datasets, 224 px, 100 epochs.
 
@@ -133,7 +145,11 @@ class Run:
 
 def plan(suite: Suite, methods: list[str] | None = None, seeds: list[int] | None = None,
          backbones: list[str] | None = None) -> list[Run]:
-    """Every run of a suite, optionally only some methods (entries or registry names), seeds, backbones."""
+    """Every run of a suite, optionally only some methods, seeds, backbones.
+
+    A method names a suite entry exactly (``recast``, ``recast:bn``) or, when no entry of a backbone
+    is called that, every entry of that registry name (``recast`` -> ``recast:att``, ``recast:mlp``).
+    """
     known = {b.key for b in suite.backbones}
     for key in backbones or []:
         if key not in known:
@@ -143,7 +159,8 @@ def plan(suite: Suite, methods: list[str] | None = None, seeds: list[int] | None
         if backbones and backbone.key not in backbones:
             continue
         for entry in backbone.methods:
-            if methods and entry not in methods and method_name(entry) not in methods:
+            if methods and entry not in methods and (method_name(entry) not in methods
+                                                     or method_name(entry) in backbone.methods):
                 continue
             runs.extend(Run(entry, backbone, seed) for seed in (seeds or suite.seeds))
     if not runs:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -23,7 +24,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Suites: 'offline' (built-in datasets, shipped 32-px ViT and ResNet, EfficientNet-Lite0; runs on a "
         "CPU) and 'paper' (ViT-S/16 and ResNet-34 with hub weights on six datasets from --data-root; for a GPU).",
     )
-    parser.add_argument("--suite", choices=("offline", "paper"), default="offline")
+    parser.add_argument("--suite", choices=("offline", "effnet", "paper"), default="offline",
+                        help="offline: the shipped 32-px ViT and ResNet (and EfficientNet-Lite0); effnet: "
+                        "EfficientNet-Lite0's ImageNet weights at 96 px on the same six tasks; paper: the "
+                        "paper's datasets under --data-root (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="offline suite reduced: subsampled training, few epochs, one seed")
     parser.add_argument("--methods", nargs="+", help="only these methods (e.g. recast lora linear, or recast:att)")
     parser.add_argument("--seeds", nargs="+", type=int, help="seeds (default: the suite's; the paper's are 42 1998 3142592)")
@@ -45,6 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tune-grid", action="append", default=[], metavar="KIND=LR,LR",
                         help="replace the grid of one kind, repeatable: head, coefficients, adapter, backbone (defaults: "
                         + "; ".join(f"{k} {','.join(f'{v:g}' for v in vs)}" for k, vs in DEFAULT_GRID.items()) + ")")
+    parser.add_argument("--max-train-images", type=int, metavar="N",
+                        help="train on a seeded random subset of at most N images per task (default: the suite's)")
+    parser.add_argument("--epochs", type=int, metavar="N", help="epochs per task (default: the suite's)")
     parser.add_argument("--perf", action="store_true", help="measure the speed and memory ratios instead (see --json)")
     parser.add_argument("--json", action="store_true", help="with --perf: print one JSON object of ratios")
     parser.set_defaults(func=run)
@@ -60,8 +67,12 @@ def run(args: argparse.Namespace) -> int:
     if args.report_only:
         print(f"wrote {write_report(args.out)}")
         return 0
-    suite = bench.offline_suite(args.quick) if args.suite == "offline" else bench.paper_suite(args.data_root)
-    suite = bench.with_training(suite, image_size=args.image_size, augment=args.augment)
+    suites = {"offline": lambda: bench.offline_suite(args.quick), "effnet": bench.effnet_suite,
+              "paper": lambda: bench.paper_suite(args.data_root)}
+    suite = suites[args.suite]()
+    suite = bench.with_training(suite, image_size=args.image_size, augment=args.augment, epochs=args.epochs)
+    if args.max_train_images is not None:
+        suite = dataclasses.replace(suite, max_train_images=args.max_train_images)
     runs = bench.plan(suite, args.methods, args.seeds, args.backbones)
     grid = parse_grid(args.tune_grid)
     print(bench.describe(suite, runs))

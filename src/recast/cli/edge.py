@@ -94,12 +94,15 @@ def _load(directory: str) -> Any:
     model = train.load_model(directory)
     if not isinstance(model, RecastModel):
         raise ConfigError(f"{directory} holds a {type(model).__name__} baseline; pack and export work on RECAST models")
+    sizes = {train.recorded_image_size(model, task) for task in model.tasks} - {None}
+    if len(sizes) == 1:  # the tasks were trained at another input size than the backbone's own
+        train.set_image_size(model.net, sizes.pop())
     return model
 
 
 def _cmd_pack(args: argparse.Namespace) -> int:
     model = _load(args.directory)
-    train.require_task(model, args.task)
+    model.require_task(args.task)
     written = write_packed_task(model, args.task, args.dtype, args.out)
     written["fp32_bytes"] = len(packed_task_blob(model, args.task, "fp32"))
     if args.json:

@@ -264,7 +264,7 @@ def _print_result(result: dict[str, Any], as_json: bool) -> None:
 def _load_for_task(directory: str, task: str, image_size: int | None) -> Any:
     """The model of ``directory`` with ``task`` active, at ``image_size`` or the size the task was trained at."""
     model = train.load_model(directory)
-    train.require_task(model, task)
+    model.require_task(task)
     train.set_image_size(model.net, image_size or train.recorded_image_size(model, task))
     model.set_task(task)
     return model

@@ -16,7 +16,6 @@ from recast.train.directory import (
     load_model,
     recorded_augment,
     recorded_image_size,
-    require_task,
     task_records,
 )
 from recast.train.evaluate import evaluate, forward_mixed, predict_logits
@@ -44,6 +43,6 @@ __all__ = [
     "TrainingError", "backbone_bytes", "check_classes", "create_directory", "eval_transform", "evaluate", "fit_task", "forward_mixed", "has_checkpoint", "image_size_of",
     "is_model_directory", "learn_sequence", "load_model", "load_state_tensors", "offline_entries", "open_task",
     "peak_rss_mb", "predict_logits", "prepare_task", "read_config_file", "read_sequence", "recorded_augment", "recorded_image_size",
-    "remove_checkpoint", "require_task", "run_record", "run_sequence", "set_image_size", "state_tensors",
+    "remove_checkpoint", "run_record", "run_sequence", "set_image_size", "state_tensors",
     "task_meta", "task_records", "versions", "write_history_csv",
 ]

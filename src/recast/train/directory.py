@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from recast.backbones import load_backbone
-from recast.errors import ConfigError, FileFormatError, TaskError
+from recast.errors import ConfigError, FileFormatError
 from recast.format import BACKBONE_FILE, is_model_directory
 from recast.format import task_records as committed_task_records
 from recast.methods import build_method, load_method
@@ -37,12 +37,6 @@ def load_model(directory: str | Path, *, method: str | None = None, image_size: 
                           "use another directory for another method")
     set_image_size(model.net, image_size)
     return model
-
-
-def require_task(model: Any, name: str) -> None:
-    """``name`` must be a task of ``model``."""
-    if name not in model.tasks:
-        raise TaskError(f"no task named {name!r}; existing tasks: {', '.join(sorted(model.tasks)) or 'none'}")
 
 
 def recorded_image_size(model: Any, task: str) -> int | None:

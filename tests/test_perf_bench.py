@@ -65,7 +65,7 @@ def test_perf_figures_on_a_tiny_vit():
 def test_the_fast_switch_still_refuses_a_task_file_whose_bytes_were_altered(tmp_path):
     from recast import RecastConfig, RecastModel
     from recast.errors import FileFormatError
-    from tests.helpers import tiny_vit
+    from helpers import tiny_vit
 
     model = RecastModel.from_base(tiny_vit(depth=2), RecastConfig(target="att", groups=1))
     model.add_task("b", 3)

@@ -45,7 +45,10 @@ class TemplateBank(nn.Module):
 
     def __init__(self, templates: Tensor) -> None:
         super().__init__()
-        self.templates = nn.Parameter(templates.detach().clone(), requires_grad=False)
+        # Contiguous whatever the fit produced (an SVD gives transposed strides): composing
+        # flattens the templates, and a strided bank would be copied on every composition.
+        self.templates = nn.Parameter(templates.detach().clone(memory_format=torch.contiguous_format),
+                                      requires_grad=False)
 
     @property
     def size(self) -> int:

@@ -3,7 +3,11 @@
 import pytest
 import torch
 
+from helpers import tiny_vit
+from recast import RecastConfig, RecastModel
+from recast.bank import TemplateBank, compose
 from recast.bench.perf import PerfSetup, interleaved, paired_ratio, run_pair, run_perf
+from recast.errors import FileFormatError
 
 TINY = {"img_size": 16, "patch_size": 8, "depth": 6, "embed_dim": 32, "num_heads": 2}
 RATIOS = (
@@ -63,10 +67,6 @@ def test_perf_figures_on_a_tiny_vit():
 
 
 def test_the_fast_switch_still_refuses_a_task_file_whose_bytes_were_altered(tmp_path):
-    from recast import RecastConfig, RecastModel
-    from recast.errors import FileFormatError
-    from helpers import tiny_vit
-
     model = RecastModel.from_base(tiny_vit(depth=2), RecastConfig(target="att", groups=1))
     model.add_task("b", 3)
     model.save_pretrained(tmp_path)
@@ -87,3 +87,40 @@ def test_the_fast_switch_still_refuses_a_task_file_whose_bytes_were_altered(tmp_
     with torch.no_grad():
         weights_after = [m.weight_for("b") for _, m in model.task_modules() if m.kind == "coefficients"]
     assert all(torch.equal(a, b) for a, b in zip(weights_after, weights_before, strict=True))
+
+
+def test_compose_into_a_buffer_equals_the_plain_composition():
+
+    templates = torch.randn(3, 5, 4, 2, 2)
+    for coefficients in (torch.randn(2, 3), torch.randn(4, 2, 3)):  # one module, a batch of modules
+        expected = compose(templates, coefficients)
+        buffer = torch.empty_like(expected)
+        assert compose(templates, coefficients, out=buffer) is buffer
+        assert torch.allclose(buffer, expected, atol=1e-6)
+        mix = coefficients.mean(-2)  # W = sum_i mean_k(alpha[k, i]) T[i], written out
+        by_hand = sum(mix[..., i, None, None, None, None] * templates[i] for i in range(3))
+        assert torch.allclose(expected, by_hand, atol=1e-6)
+
+
+def test_a_switch_generates_the_loaded_weights_into_the_replaced_buffers(tmp_path):
+
+    model = RecastModel.from_base(tiny_vit(depth=2), RecastConfig(target="att", groups=1))
+    assert all(bank.templates.is_contiguous() for bank in model.banks.values())
+    assert TemplateBank(torch.randn(4, 3, 2).transpose(1, 2)).templates.is_contiguous()
+    model.add_task("b", 3)
+    layers = [m for _, m in model.task_modules() if m.kind == "coefficients"]
+    with torch.no_grad():
+        for layer in layers:
+            layer.coefficients("b").add_(0.5)
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        for layer in layers:
+            layer.coefficients("b").mul_(-3.0)  # in memory only; the file holds the +0.5 values
+        stale = [layer.weight_for("b").clone() for layer in layers]
+        buffers = [layer.weight_for("b").data_ptr() for layer in layers]
+        model.load_task(tmp_path, "b", replace=True)
+        for layer, old, buffer in zip(layers, stale, buffers, strict=True):
+            weight = layer.weight_for("b")
+            assert weight.data_ptr() == buffer  # composed into the replaced weight's memory
+            assert torch.allclose(weight, compose(layer.bank.templates, layer.coefficients("b")), atol=1e-6)
+            assert not torch.allclose(weight, old)

@@ -1,32 +1,126 @@
-"""`recast bench --perf` runs end to end on a tiny ViT and reports every ratio with its two figures."""
+"""`recast bench --perf`: interleaved pairs, paired ratios with their spread, end to end on a tiny ViT."""
 
-from recast.bench.perf import PerfSetup, run_perf
+import pytest
+import torch
 
+from helpers import tiny_vit
+from recast import RecastConfig, RecastModel
+from recast.bank import TemplateBank, compose
+from recast.bench.perf import PerfSetup, interleaved, paired_ratio, run_pair, run_perf
+from recast.errors import FileFormatError
+
+TINY = {"img_size": 16, "patch_size": 8, "depth": 6, "embed_dim": 32, "num_heads": 2}
 RATIOS = (
-    "train_step_recast_att_over_lora", "train_step_recast_attmlp_over_full", "peak_mem_recast_over_lora",
-    "switch_recast_over_peft", "eval_recast_over_base", "eval_export_over_base", "mimicry_svd_over_iterative",
+    "train_step_recast_att_over_lora", "train_step_recast_attmlp_over_full", "train_step_recast_mlp_over_full",
+    "peak_mem_recast_over_lora", "switch_recast_over_peft", "eval_recast_over_base", "eval_export_over_base",
+    "mimicry_svd_over_iterative",
 )
+PAIRED = ("train_step_recast_att_over_lora", "train_step_recast_attmlp_over_full", "switch_recast_over_peft",
+          "eval_recast_over_base", "eval_export_over_base")
 
 
-def test_worker_process_reports_one_method():
-    from recast.bench.perf import _run_worker
+def test_paired_ratio_is_the_median_of_per_pair_ratios_with_its_quartiles():
+    a = [2.0, 4.0, 6.0, 8.0, 100.0]
+    b = [1.0, 1.0, 2.0, 4.0, 10.0]  # pair ratios 2, 4, 3, 2, 10 -> sorted 2, 2, 3, 4, 10
+    figure = paired_ratio(a, b)
+    assert figure["ratio"] == 3.0 and figure["iqr"] == [2.0, 4.0] and figure["repeats"] == 5
+    assert figure["iqr_rel"] == pytest.approx(2.0 / 3.0)
+    assert figure["a"] == 6.0 and figure["b"] == 2.0
+    with pytest.raises(ValueError):
+        paired_ratio([1.0], [1.0, 2.0])
 
-    setup = PerfSetup("vit_tiny_patch16_224", {"img_size": 16, "patch_size": 8, "depth": 6, "embed_dim": 32,
-                                               "num_heads": 2}, batch=2, steps=1, warmup=0)
-    figures = _run_worker("recast-att", setup)
-    assert figures["step_seconds"] > 0 and figures["peak_rss_mb"] >= figures["rss_before_training_mb"] > 0
+
+def test_interleaved_alternates_the_order_after_the_warm_up():
+    calls = []
+    sides = [lambda: calls.append("a"), lambda: calls.append("b")]
+    times = interleaved(sides, repeats=3, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    assert [len(t) for t in times] == [3, 3] and all(t >= 0 for side in times for t in side)
+
+
+def test_pair_worker_process_times_both_methods_interleaved():
+    setup = PerfSetup("vit_tiny_patch16_224", TINY, batch=2, repeats=3, warmup=1, threads=1)
+    figures = run_pair("recast-att", "lora", setup)
+    assert len(figures["a_times"]) == len(figures["b_times"]) == 3
+    assert min(figures["a_times"] + figures["b_times"]) > 0 and figures["threads"] == 1
+    assert figures["trainable_params"][0] == 6 * 2 + 10 * 32 + 10  # G=6: n=1 per bank, K=2
 
 
 def test_perf_figures_on_a_tiny_vit():
-    setup = PerfSetup("vit_tiny_patch16_224", {"img_size": 16, "patch_size": 8, "depth": 6, "embed_dim": 32,
-                                               "num_heads": 2}, batch=2, steps=1, warmup=0, isolate=False)
+    setup = PerfSetup("vit_tiny_patch16_224", TINY, batch=2, repeats=2, warmup=0, threads=1, isolate=False)
     figures = run_perf(setup, progress=False, iterative_steps=3)
     for name in RATIOS:
         entry = figures[name]
-        assert entry["a"] > 0 and entry["b"] > 0
-        assert abs(entry["ratio"] - entry["a"] / entry["b"]) < 1e-12
-    workers = figures["setup"]["workers"]
-    assert workers["recast-att"]["trainable_params"] == 6 * 2 + 10 * 32 + 10  # G=6: n=1 per bank, K=2
-    assert workers["full"]["trainable_params"] > workers["lora"]["trainable_params"] > workers["linear"]["trainable_params"]
+        assert entry["a"] > 0 and entry["b"] > 0 and entry["repeats"] >= 1
+    for name in PAIRED:
+        entry = figures[name]
+        assert entry["iqr"][0] <= entry["ratio"] <= entry["iqr"][1] and entry["repeats"] >= 2
+    assert figures["switch_recast_over_peft"]["repeats"] == 4 * setup.repeats
+    assert figures["setup"]["threads"] == 1 and figures["setup"]["repeats"] == 2
+    trainable = figures["setup"]["trainable_params"]
+    assert trainable["recast-att"] == 6 * 2 + 10 * 32 + 10
+    assert trainable["full"] > trainable["lora"] > trainable["linear"]
+    memory = figures["setup"]["memory"]
+    assert memory["recast-att"]["peak_rss_mb"] >= memory["recast-att"]["rss_before_training_mb"] > 0
     assert figures["mimicry_svd_over_iterative"]["svd_weight_rel_error"] < 1e-5
     assert figures["switch_recast_over_peft"]["recast_task_file_bytes"] < figures["switch_recast_over_peft"]["peft_adapter_file_bytes"]
+
+
+def test_the_fast_switch_still_refuses_a_task_file_whose_bytes_were_altered(tmp_path):
+    model = RecastModel.from_base(tiny_vit(depth=2), RecastConfig(target="att", groups=1))
+    model.add_task("b", 3)
+    model.save_pretrained(tmp_path)
+    model.set_task("b")
+    model.load_task(tmp_path, "b", replace=True)  # the switch as the benchmark times it
+    before = model.task_tensors("b")
+    with torch.no_grad():
+        weights_before = [m.weight_for("b").clone() for _, m in model.task_modules() if m.kind == "coefficients"]
+    path = tmp_path / "tasks" / "b.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # one bit of the last coefficient: the file still parses
+    path.write_bytes(bytes(data))
+    with pytest.raises(FileFormatError, match="checksum"):
+        model.load_task(tmp_path, "b", replace=True)
+    assert model.active_task == "b"
+    after = model.task_tensors("b")
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    with torch.no_grad():
+        weights_after = [m.weight_for("b") for _, m in model.task_modules() if m.kind == "coefficients"]
+    assert all(torch.equal(a, b) for a, b in zip(weights_after, weights_before, strict=True))
+
+
+def test_compose_into_a_buffer_equals_the_plain_composition():
+
+    templates = torch.randn(3, 5, 4, 2, 2)
+    for coefficients in (torch.randn(2, 3), torch.randn(4, 2, 3)):  # one module, a batch of modules
+        expected = compose(templates, coefficients)
+        buffer = torch.empty_like(expected)
+        assert compose(templates, coefficients, out=buffer) is buffer
+        assert torch.allclose(buffer, expected, atol=1e-6)
+        mix = coefficients.mean(-2)  # W = sum_i mean_k(alpha[k, i]) T[i], written out
+        by_hand = sum(mix[..., i, None, None, None, None] * templates[i] for i in range(3))
+        assert torch.allclose(expected, by_hand, atol=1e-6)
+
+
+def test_a_switch_generates_the_loaded_weights_into_the_replaced_buffers(tmp_path):
+
+    model = RecastModel.from_base(tiny_vit(depth=2), RecastConfig(target="att", groups=1))
+    assert all(bank.templates.is_contiguous() for bank in model.banks.values())
+    assert TemplateBank(torch.randn(4, 3, 2).transpose(1, 2)).templates.is_contiguous()
+    model.add_task("b", 3)
+    layers = [m for _, m in model.task_modules() if m.kind == "coefficients"]
+    with torch.no_grad():
+        for layer in layers:
+            layer.coefficients("b").add_(0.5)
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        for layer in layers:
+            layer.coefficients("b").mul_(-3.0)  # in memory only; the file holds the +0.5 values
+        stale = [layer.weight_for("b").clone() for layer in layers]
+        buffers = [layer.weight_for("b").data_ptr() for layer in layers]
+        model.load_task(tmp_path, "b", replace=True)
+        for layer, old, buffer in zip(layers, stale, buffers, strict=True):
+            weight = layer.weight_for("b")
+            assert weight.data_ptr() == buffer  # composed into the replaced weight's memory
+            assert torch.allclose(weight, compose(layer.bank.templates, layer.coefficients("b")), atol=1e-6)
+            assert not torch.allclose(weight, old)

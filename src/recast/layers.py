@@ -106,11 +106,25 @@ class GeneratedWeight(TaskModule):
         cached = self._cache.get(task)
         if cached is None or cached[0] != key:
             with torch.no_grad():
-                cached = self._cache[task] = (key, compose(templates, coefficients))
+                cached = self._cache[task] = (key, compose(templates, coefficients, out=self._take_spare(templates)))
         return cached[1]
 
+    def _take_spare(self, templates: Tensor) -> Tensor | None:
+        """The buffer a deleted task's cached weight left behind, when it fits (else ``None``).
+
+        A task switch from a file deletes the old state and composes the new one: writing into
+        the freed weight's memory instead of a fresh allocation spares the page faults that
+        dominated the switch (about 0.4 ms of 0.5 ms per ViT-S qkv weight on a CPU).
+        """
+        spare = self.__dict__.pop("_spare", None)
+        if spare is None or spare.shape != templates.shape[1:] or spare.dtype != templates.dtype:
+            return None
+        return spare if spare.device == templates.device else None
+
     def delete_task(self, name: str) -> None:
-        self._cache.pop(name, None)
+        cached = self._cache.pop(name, None)
+        if cached is not None:  # its buffer is reused by the next weight composed (see _take_spare)
+            self.__dict__["_spare"] = cached[1]
         super().delete_task(name)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -176,6 +190,7 @@ class GeneratedWeight(TaskModule):
         state = dict(self.__dict__)  # copies and pickles never carry the caches
         state["_cache"] = {}
         state.pop("_stacked", None)
+        state.pop("_spare", None)
         return state
 
 

@@ -1,10 +1,16 @@
-"""``recast bench --perf``: speed and memory of RECAST against its peers, as ratios from one run.
+"""``recast bench --perf``: speed and memory of RECAST against its peers, as ratios you can trust.
 
-Every ratio is A over B (lower is better) with both absolute figures beside it. Training step
-time and peak memory are measured in a fresh worker process per method (``python -m
-recast.bench.perf --worker METHOD``) so that one method's allocations cannot inflate another's
-peak; the rest runs in this process. The backbone is timm ``vit_small_patch16_224`` at 224 px by
-default (random weights: speed does not depend on their values) and the batch is the same for all.
+Every ratio is A over B (lower is better). Times are measured *interleaved*: after warm-up, A and B
+run alternately (A B, then B A, ... so a slow drift of the machine hits both sides alike), each
+pair gives one ratio, and the figure is the median of those per-pair ratios with its interquartile
+range and the number of pairs. Both sides' median absolute times are reported beside it.
+
+Each training-step pair is timed in a fresh worker process (``python -m recast.bench.perf --pair
+A B``) that builds the two models and does nothing else; peak memory is measured in one more fresh
+process per method (``--memory METHOD``) so that one method's allocations cannot inflate another's
+peak. The torch thread count is fixed (``PerfSetup.threads``, set in every process) and recorded.
+The backbone is timm ``vit_small_patch16_224`` at 224 px by default (random weights: speed does not
+depend on their values) and the batch is the same for all.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,18 +38,29 @@ from recast.recipe import create_timm
 from recast.train import peak_rss_mb
 
 WORKER_METHODS = ("recast-att", "recast-mlp", "recast-att+mlp", "lora", "full", "linear")
+TRAIN_PAIRS = {  # figure name -> (A, B)
+    "train_step_recast_att_over_lora": ("recast-att", "lora"),
+    "train_step_recast_attmlp_over_full": ("recast-att+mlp", "full"),
+    "train_step_recast_att_over_linear": ("recast-att", "linear"),
+    "train_step_recast_mlp_over_full": ("recast-mlp", "full"),
+}
+MEMORY_PAIRS = {
+    "peak_mem_recast_over_lora": ("recast-att", "lora"),
+    "peak_mem_recast_attmlp_over_full": ("recast-att+mlp", "full"),
+}
 
 
 @dataclass(frozen=True)
 class PerfSetup:
-    """The backbone (a timm name and its kwargs) and batch every figure is measured on."""
+    """The backbone (a timm name and its kwargs), batch, repeats and threads of every figure."""
 
     model: str = "vit_small_patch16_224"
     kwargs: dict[str, Any] = field(default_factory=dict)
     batch: int = 8
-    steps: int = 4
-    warmup: int = 2
-    isolate: bool = True  # one fresh process per training-step measurement (clean peak memory)
+    repeats: int = 10  # interleaved A/B pairs per ratio (the cheap switch figure uses 4x as many)
+    warmup: int = 2  # untimed calls of each side first
+    threads: int = 1  # torch.set_num_threads in every measuring process: one core is the stable choice
+    isolate: bool = True  # fresh processes for training steps and peak memory (off: quick runs and tests)
 
     @property
     def image_size(self) -> int:
@@ -61,6 +78,44 @@ class PerfSetup:
     def images(self) -> torch.Tensor:
         """A random batch of the setup's size."""
         return torch.randn(self.batch, 3, self.image_size, self.image_size)
+
+
+def _quantile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear-interpolated quantile of already sorted values."""
+    position = q * (len(sorted_values) - 1)
+    low = int(position)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+
+
+def paired_ratio(a_times: Sequence[float], b_times: Sequence[float], unit: str = "s") -> dict[str, Any]:
+    """The median of per-pair ratios ``a[i] / b[i]``, its interquartile range and both medians."""
+    if len(a_times) != len(b_times) or not a_times:
+        raise ValueError("paired_ratio needs as many A as B measurements, at least one")
+    ratios = sorted(a / b for a, b in zip(a_times, b_times, strict=True))
+    q1, q3 = _quantile(ratios, 0.25), _quantile(ratios, 0.75)
+    middle = statistics.median(ratios)
+    return {"ratio": middle, "iqr": [q1, q3], "iqr_rel": (q3 - q1) / middle, "repeats": len(ratios),
+            "a": statistics.median(a_times), "b": statistics.median(b_times), "unit": unit}
+
+
+def interleaved(sides: Sequence[Callable[[], Any]], repeats: int, warmup: int) -> list[list[float]]:
+    """Seconds of each side per round: ``warmup`` untimed calls each, then ``repeats`` rounds.
+
+    Rounds alternate the order (A B, B A, A B, ...) so that whatever the machine does meanwhile
+    falls on every side alike; the result has one list of ``repeats`` times per side.
+    """
+    for _ in range(warmup):
+        for side in sides:
+            side()
+    times: list[list[float]] = [[] for _ in sides]
+    for round_ in range(repeats):
+        order = range(len(sides)) if round_ % 2 == 0 else reversed(range(len(sides)))
+        for index in order:
+            start = time.perf_counter()
+            sides[index]()
+            times[index].append(time.perf_counter() - start)
+    return times
 
 
 def _lora(base: nn.Module, rank: int = 8) -> nn.Module:
@@ -85,63 +140,73 @@ def build_for_training(method: str, setup: PerfSetup) -> nn.Module:
     return base  # full: every weight
 
 
-def time_train_steps(model: nn.Module, setup: PerfSetup) -> float:
-    """Median seconds of one AdamW step (forward, backward, clip, update) after the warm-up steps."""
+def train_step(model: nn.Module, setup: PerfSetup) -> Callable[[], None]:
+    """One AdamW step of ``model`` (forward, backward, clip, update) on a fixed random batch."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=1e-4)
     images, labels = setup.images(), torch.randint(10, (setup.batch,))
     model.train()
-    times = []
-    for step in range(setup.warmup + setup.steps):
-        start = time.perf_counter()
+
+    def step() -> None:
         optimiser.zero_grad(set_to_none=True)
         loss = nn.functional.cross_entropy(model(images), labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimiser.step()
-        if step >= setup.warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+
+    return step
 
 
-def worker(method: str, setup: PerfSetup) -> dict[str, float]:
-    """Run in a fresh process: step time and this process's peak RSS (MiB) for ``method``."""
+def pair_worker(a: str, b: str, setup: PerfSetup) -> dict[str, Any]:
+    """Run in a fresh process: interleaved training-step times of methods ``a`` and ``b``."""
+    torch.set_num_threads(setup.threads)
+    torch.manual_seed(0)
+    models = [build_for_training(method, setup) for method in (a, b)]
+    a_times, b_times = interleaved([train_step(m, setup) for m in models], setup.repeats, setup.warmup)
+    trainable = [sum(p.numel() for p in m.parameters() if p.requires_grad) for m in models]
+    return {"a_times": a_times, "b_times": b_times, "trainable_params": trainable, "threads": torch.get_num_threads()}
+
+
+def memory_worker(method: str, setup: PerfSetup) -> dict[str, Any]:
+    """Run in a fresh process: this process's peak RSS (MiB) over two training steps of ``method``."""
+    torch.set_num_threads(setup.threads)
     torch.manual_seed(0)
     model = build_for_training(method, setup)
-    baseline_rss = peak_rss_mb()
-    seconds = time_train_steps(model, setup)
+    before = peak_rss_mb()
+    step = train_step(model, setup)
+    for _ in range(2):  # the second step holds AdamW's state too
+        step()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"step_seconds": seconds, "peak_rss_mb": peak_rss_mb(), "rss_before_training_mb": baseline_rss,
-            "trainable_params": trainable}
+    return {"peak_rss_mb": peak_rss_mb(), "rss_before_training_mb": before, "trainable_params": trainable}
 
 
-def _run_worker(method: str, setup: PerfSetup) -> dict[str, float]:
-    if not setup.isolate:  # quick runs and tests: same numbers, peak memory shared between methods
-        return worker(method, setup)
-    command = [sys.executable, "-m", "recast.bench.perf", "--worker", method, "--setup", json.dumps(asdict(setup))]
+def _in_worker(args: list[str], setup: PerfSetup) -> dict[str, Any]:
+    """Run ``python -m recast.bench.perf ARGS`` in a fresh process and return its JSON line."""
+    command = [sys.executable, "-m", "recast.bench.perf", *args, "--setup", json.dumps(asdict(setup))]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        raise RuntimeError(f"perf worker {method} failed:\n{result.stderr[-2000:]}")
+        raise RuntimeError(f"perf worker {' '.join(args)} failed:\n{result.stderr[-2000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def run_pair(a: str, b: str, setup: PerfSetup) -> dict[str, Any]:
+    """Interleaved training-step times of ``a`` and ``b`` (in a fresh process when isolating)."""
+    return _in_worker(["--pair", a, b], setup) if setup.isolate else pair_worker(a, b, setup)
+
+
+def run_memory(method: str, setup: PerfSetup) -> dict[str, Any]:
+    """Peak memory of ``method``'s training (in a fresh process when isolating)."""
+    return _in_worker(["--memory", method], setup) if setup.isolate else memory_worker(method, setup)
+
+
 def ratio(a: float, b: float, unit: str) -> dict[str, Any]:
-    """A over B with both figures."""
-    return {"ratio": a / b, "a": a, "b": b, "unit": unit}
+    """A over B with both figures (one measurement each: no spread)."""
+    return {"ratio": a / b, "a": a, "b": b, "unit": unit, "repeats": 1}
 
 
-def _median_time(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm-up: first-call costs (lazy imports, allocator) are not what is compared
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def switch_figures(setup: PerfSetup, repeats: int = 7) -> dict[str, Any]:
-    """Task switch from a file: RECAST (load + activate + weight generation) vs PEFT load_adapter + set_adapter."""
+def switch_figures(setup: PerfSetup) -> dict[str, Any]:
+    """Task switch from a file, interleaved: RECAST (read + check + activate + generate every
+    weight) against PEFT ``load_adapter`` + ``set_adapter``."""
     base = setup.base()
     model = RecastModel.from_base(base, setup.recast_config("att", base))
     peft_model = _lora(setup.base())
@@ -159,32 +224,33 @@ def switch_figures(setup: PerfSetup, repeats: int = 7) -> dict[str, Any]:
                     if module.kind == "coefficients":
                         module.weight_for("b")  # what the first forward would generate
 
-        counter = iter(range(10**6))
+        loaded: list[str] = []
 
         def peft_switch() -> None:
-            name = f"t{next(counter)}"
+            name = f"t{len(loaded)}"
             peft_model.load_adapter(str(Path(tmp, "peft")), adapter_name=name)
             peft_model.set_adapter(name)
+            loaded.append(name)
+            if len(loaded) > 1:  # keep one adapter loaded, as RECAST keeps one copy of task b
+                peft_model.delete_adapter(loaded[-2])
 
-        recast_s, peft_s = _median_time(recast_switch, repeats), _median_time(peft_switch, repeats)
+        recast_s, peft_s = interleaved([recast_switch, peft_switch], 4 * setup.repeats, setup.warmup)
         sizes = {"recast_task_file_bytes": task_records(tmp)["b"]["bytes"],
                  "peft_adapter_file_bytes": Path(tmp, "peft", "adapter_model.safetensors").stat().st_size}
-    return {"switch_recast_over_peft": {**ratio(recast_s, peft_s, "s"), **sizes}}
+    return {"switch_recast_over_peft": {**paired_ratio(recast_s, peft_s), **sizes}}
 
 
-def eval_figures(setup: PerfSetup, repeats: int = 5) -> dict[str, Any]:
+def eval_figures(setup: PerfSetup) -> dict[str, Any]:
     """Evaluation forward (no grad) of a RECAST model and of its export, against the plain base."""
     base = setup.base()
     model = RecastModel.from_base(base, setup.recast_config("att+mlp", base)).eval()
     plain = model.export("base").eval()
     images = setup.images()
     with torch.no_grad():
-        for net in (base, model, plain):
-            net(images)  # warm up (and fill RECAST's weight cache once)
-        times = {name: _median_time(lambda n=net: n(images), repeats)
-                 for name, net in (("base", base), ("recast", model), ("export", plain))}
-    return {"eval_recast_over_base": ratio(times["recast"], times["base"], "s"),
-            "eval_export_over_base": ratio(times["export"], times["base"], "s")}
+        base_s, recast_s, export_s = interleaved([lambda n=net: n(images) for net in (base, model, plain)],
+                                                 setup.repeats, setup.warmup)
+    return {"eval_recast_over_base": paired_ratio(recast_s, base_s),
+            "eval_export_over_base": paired_ratio(export_s, base_s)}
 
 
 def mimicry_figures(setup: PerfSetup, iterative_steps: int = 1000) -> dict[str, Any]:
@@ -205,41 +271,56 @@ def mimicry_figures(setup: PerfSetup, iterative_steps: int = 1000) -> dict[str, 
 def run_perf(setup: PerfSetup | None = None, progress: bool = True, iterative_steps: int = 1000) -> dict[str, Any]:
     """Every figure of ``recast bench --perf``; see the module docstring."""
     setup = setup or PerfSetup()
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(setup.threads)
+    try:
+        return _all_figures(setup, progress, iterative_steps)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _all_figures(setup: PerfSetup, progress: bool, iterative_steps: int) -> dict[str, Any]:
     def say(text: str) -> None:
         if progress:
             print(text, file=sys.stderr, flush=True)
 
-    workers = {}
-    for method in WORKER_METHODS:
-        say(f"training steps: {method} ({setup.model}, {setup.image_size} px, batch {setup.batch})")
-        workers[method] = _run_worker(method, setup)
-    step = {m: w["step_seconds"] for m, w in workers.items()}
-    figures: dict[str, Any] = {
-        "train_step_recast_att_over_lora": ratio(step["recast-att"], step["lora"], "s"),
-        "train_step_recast_attmlp_over_full": ratio(step["recast-att+mlp"], step["full"], "s"),
-        "train_step_recast_att_over_linear": ratio(step["recast-att"], step["linear"], "s"),
-        "train_step_recast_mlp_over_full": ratio(step["recast-mlp"], step["full"], "s"),
-        "peak_mem_recast_over_lora": ratio(workers["recast-att"]["peak_rss_mb"], workers["lora"]["peak_rss_mb"], "MiB"),
-        "peak_mem_recast_attmlp_over_full": ratio(workers["recast-att+mlp"]["peak_rss_mb"], workers["full"]["peak_rss_mb"], "MiB"),
-    }
-    say("task switch from a file")
+    figures: dict[str, Any] = {}
+    pairs: dict[str, Any] = {}
+    for name, (a, b) in TRAIN_PAIRS.items():
+        say(f"training steps, interleaved: {a} vs {b} ({setup.model}, {setup.image_size} px, batch {setup.batch}, "
+            f"{setup.repeats} pairs, {setup.threads} thread(s))")
+        pairs[name] = run_pair(a, b, setup)
+        figures[name] = paired_ratio(pairs[name]["a_times"], pairs[name]["b_times"])
+    memory: dict[str, Any] = {}
+    for method in dict.fromkeys(m for pair in MEMORY_PAIRS.values() for m in pair):
+        say(f"peak memory: {method}")
+        memory[method] = run_memory(method, setup)
+    for name, (a, b) in MEMORY_PAIRS.items():
+        figures[name] = ratio(memory[a]["peak_rss_mb"], memory[b]["peak_rss_mb"], "MiB")
+    say("task switch from a file, interleaved")
     figures.update(switch_figures(setup))
-    say("evaluation forward")
+    say("evaluation forward, interleaved")
     figures.update(eval_figures(setup))
     say("mimicry: svd vs iterative")
     figures.update(mimicry_figures(setup, iterative_steps))
+    trainable = {m: n for name, (a, b) in TRAIN_PAIRS.items() for m, n in zip((a, b), pairs[name]["trainable_params"], strict=True)}
     figures["setup"] = {**asdict(setup), "image_size": setup.image_size, "threads": torch.get_num_threads(),
-                        "workers": workers}
+                        "worker_threads": sorted({p["threads"] for p in pairs.values()}),
+                        "trainable_params": trainable, "memory": memory}
     return figures
 
 
 def main() -> None:
-    """Worker entry point (``python -m recast.bench.perf --worker METHOD``)."""
-    parser = argparse.ArgumentParser(description="one training-step measurement in a fresh process")
-    parser.add_argument("--worker", choices=WORKER_METHODS, required=True)
+    """Worker entry point (``python -m recast.bench.perf --pair A B`` or ``--memory METHOD``)."""
+    parser = argparse.ArgumentParser(description="one measurement of recast bench --perf, in a fresh process")
+    task = parser.add_mutually_exclusive_group(required=True)
+    task.add_argument("--pair", nargs=2, choices=WORKER_METHODS, metavar="METHOD", help="interleaved step times of A and B")
+    task.add_argument("--memory", choices=WORKER_METHODS, help="peak memory of one method's training")
     parser.add_argument("--setup", default="{}", help="PerfSetup fields as JSON")
     args = parser.parse_args()
-    print(json.dumps(worker(args.worker, PerfSetup(**json.loads(args.setup)))))
+    setup = PerfSetup(**json.loads(args.setup))
+    figures = pair_worker(*args.pair, setup) if args.pair else memory_worker(args.memory, setup)
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":

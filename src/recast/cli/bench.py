@@ -54,13 +54,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--epochs", type=int, metavar="N", help="epochs per task (default: the suite's)")
     parser.add_argument("--perf", action="store_true", help="measure the speed and memory ratios instead (see --json)")
     parser.add_argument("--json", action="store_true", help="with --perf: print one JSON object of ratios")
+    parser.add_argument("--repeats", type=int, default=PerfSetup.repeats, metavar="N",
+                        help="with --perf: interleaved A/B pairs per ratio (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=PerfSetup.threads, metavar="N",
+                        help="with --perf: torch threads of every measuring process (default: %(default)s)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch to the perf figures, the report, the dry run or the suite."""
     if args.perf:
-        setup = PerfSetup(kwargs={"img_size": args.image_size}) if args.image_size else PerfSetup()
+        if args.repeats < 1 or args.threads < 1:
+            print("recast: error: --repeats and --threads must be at least 1")
+            return 2
+        kwargs = {"img_size": args.image_size} if args.image_size else {}
+        setup = PerfSetup(kwargs=kwargs, repeats=args.repeats, threads=args.threads)
         figures = run_perf(setup, progress=not args.json)
         print(json.dumps(figures, indent=2) if args.json else _format_perf(figures))
         return 0
@@ -95,5 +103,9 @@ def _format_perf(figures: dict) -> str:
     lines = []
     for name, entry in figures.items():
         if isinstance(entry, dict) and "ratio" in entry:
-            lines.append(f"{name:40s} {entry['ratio']:8.3f}   ({entry['a']:.4g} {entry['unit']} / {entry['b']:.4g} {entry['unit']})")
+            spread = f"IQR {entry['iqr'][0]:.3f}-{entry['iqr'][1]:.3f}, " if "iqr" in entry else ""
+            lines.append(f"{name:40s} {entry['ratio']:8.3f}   ({spread}n={entry['repeats']}; "
+                         f"{entry['a']:.4g} {entry['unit']} / {entry['b']:.4g} {entry['unit']})")
+    setup = figures.get("setup", {})
+    lines.append(f"torch threads: {setup.get('threads')}; ratios are medians of interleaved A/B pairs")
     return "\n".join(lines)

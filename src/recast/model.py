@@ -244,7 +244,7 @@ class RecastModel(TaskModel):
 
     def export(self, name: str) -> nn.Module:
         """An ordinary copy of the base architecture with task ``name``'s generated weights and head."""
-        self._require_task(name)
+        self.require_task(name)
         memo = {id(bank): bank for bank in self.banks.values()}  # read, never copied
         net = copy.deepcopy(self.net, memo)
         names = [n for n, _ in self.task_modules()]

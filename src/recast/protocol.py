@@ -121,8 +121,6 @@ class TaskModel(nn.Module):
             check_task_name(name)
             raise TaskError(f"no task named {name!r}; existing tasks: {', '.join(sorted(self.tasks)) or 'none'}")
 
-    _require_task = require_task
-
     def add_task(
         self,
         name: str,

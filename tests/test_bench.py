@@ -112,6 +112,19 @@ def test_tune_chooses_on_validation_and_reads_test_data_only_in_the_final_runs(t
     assert "Learning rates chosen by validation accuracy" in text and "| recast:att | tiny |" in text
 
 
+def test_later_seeds_alone_reuse_the_first_seeds_tuning(tiny_suite, tmp_path):
+    suite = replace(tiny_suite, seeds=(42, 7), train={**tiny_suite.train, "epochs": 1})
+    out, grid = tmp_path / "results", {"coefficients": (1e-4, 5e-2), "head": (5e-2,)}
+    bench.run_suite(suite, bench.plan(suite, methods=["recast"], seeds=[42]), out, log=lambda _: None,
+                    tune_lrs=True, grid=grid)
+    logs = []
+    bench.run_suite(suite, bench.plan(suite, methods=["recast"], seeds=[7]), out, log=logs.append,
+                    tune_lrs=True, grid=grid)
+    assert any("kept" in line and "recast:att / tiny" in line for line in logs)  # no new tuning on seed 7
+    record = json.loads((out / "runs" / "recast-att__tiny__7.json").read_text())
+    assert record["tuning"]["seed"] == 42
+
+
 def test_tuning_grids_per_method():
     assert grid_points("linear") == [{"head": lr} for lr in DEFAULT_GRID["head"]]
     assert {tuple(p) for p in grid_points("recast:att")} == {("coefficients", "head")}

@@ -23,6 +23,7 @@ from recast.bench.suites import (
     open_tasks,
     paper_suite,
     plan,
+    presets_suite,
     run_config,
     with_training,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "paper_suite",
     "parse_grid",
     "plan",
+    "presets_suite",
     "run_config",
     "run_one",
     "run_suite",

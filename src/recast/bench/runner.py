@@ -78,7 +78,8 @@ def run_suite(
     """Every run (skipping those whose result file exists when ``resume``), then the report.
 
     With ``tune_lrs`` each (method, backbone) first has its learning rates chosen from ``grid``
-    by validation accuracy on its first seed (:mod:`recast.bench.tuning`); its runs then use them.
+    by validation accuracy on the suite's first seed, also when only later seeds run
+    (:mod:`recast.bench.tuning`); its runs then use them.
     """
     out = Path(out)
     chosen: dict[tuple[str, str], dict[str, Any]] = {}
@@ -88,7 +89,7 @@ def run_suite(
             continue
         key = (run.method, run.backbone.key)
         if tune_lrs and key not in chosen:
-            first = next(r for r in runs if (r.method, r.backbone.key) == key)
+            first = Run(run.method, run.backbone, suite.seeds[0])  # the suite's first seed, even with --seeds
             log(f"tuning {run.method} on {run.backbone.key}: learning rates by validation accuracy, seed {first.seed}")
             chosen[key] = tune(suite, first, out, grid=grid, resume=resume, log=log)
         tuning = chosen.get(key)

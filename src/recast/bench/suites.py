@@ -15,6 +15,8 @@ from typing import Any
 
 from torch import nn
 
+from recast.adapters.adaptformer import REFERENCE as ADAPTFORMER_REFERENCE
+from recast.adapters.piggyback import REFERENCE_LRS as PIGGYBACK_REFERENCE_LRS
 from recast.backbones import load_backbone
 from recast.errors import ConfigError
 from recast.train import SequenceTask, TrainConfig, open_task, set_image_size
@@ -97,6 +99,23 @@ def effnet_suite() -> Suite:
     backbone = BenchBackbone("effnet-lite0", "effnet-lite0", methods, {"recast:bn": {"own_bn": True}})
     train = {"epochs": 10, "step_size": 7, "batch_size": 64, "lr": 2e-3, "image_size": 96}
     return Suite("effnet", tuple(offline_entries()), (backbone,), train, max_train_images=1000)
+
+
+def presets_suite() -> Suite:
+    """The reference release's presets against recast's defaults, one seed, the quick offline settings.
+
+    ``adaptformer:reference`` reads the residual stream before ``norm2`` and scales by 2;
+    ``recast+piggyback:reference`` trains masks, coefficients and head at the reference's rates. The
+    augmentation preset is compared by running this suite with ``--augment reference`` into another
+    folder (the entries without ``:reference`` are the defaults in both folders).
+    """
+    quick = offline_suite(quick=True)
+    vit_options = {**_vit_methods("att+mlp"), "adaptformer:reference": dict(ADAPTFORMER_REFERENCE)}
+    vit = BenchBackbone("vit32", "recast-vit32", ("recast:att+mlp", "adaptformer", "adaptformer:reference"),
+                        vit_options)
+    resnet = BenchBackbone("resnet32", "recast-resnet32", ("recast", "recast+piggyback", "recast+piggyback:reference"),
+                           {"recast+piggyback:reference": dict(PIGGYBACK_REFERENCE_LRS)})
+    return replace(quick, name="presets", backbones=(vit, resnet))
 
 
 def paper_suite(data_root: str | Path) -> Suite:

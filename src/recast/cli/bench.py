@@ -24,9 +24,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Suites: 'offline' (built-in datasets, shipped 32-px ViT and ResNet, EfficientNet-Lite0; runs on a "
         "CPU) and 'paper' (ViT-S/16 and ResNet-34 with hub weights on six datasets from --data-root; for a GPU).",
     )
-    parser.add_argument("--suite", choices=("offline", "effnet", "paper"), default="offline",
+    parser.add_argument("--suite", choices=("offline", "effnet", "presets", "paper"), default="offline",
                         help="offline: the shipped 32-px ViT and ResNet (and EfficientNet-Lite0); effnet: "
-                        "EfficientNet-Lite0's ImageNet weights at 96 px on the same six tasks; paper: the "
+                        "EfficientNet-Lite0's ImageNet weights at 96 px on the same six tasks; presets: the reference release's "
+                        "AdaptFormer and Piggyback presets against the defaults (quick settings, one seed); paper: the "
                         "paper's datasets under --data-root (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="offline suite reduced: subsampled training, few epochs, one seed")
     parser.add_argument("--methods", nargs="+", help="only these methods (e.g. recast lora linear, or recast:att)")
@@ -76,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {write_report(args.out)}")
         return 0
     suites = {"offline": lambda: bench.offline_suite(args.quick), "effnet": bench.effnet_suite,
+              "presets": bench.presets_suite,
               "paper": lambda: bench.paper_suite(args.data_root)}
     suite = suites[args.suite]()
     suite = bench.with_training(suite, image_size=args.image_size, augment=args.augment, epochs=args.epochs)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from recast.bank import fingerprint
 from recast.errors import ConfigError, FileFormatError, TaskError
-from recast.format import BASELINE_FORMAT, FORMAT_VERSION, ModelStore
+from recast.format import BASELINE_FORMAT, FORMAT_VERSION, ModelStore, consistent_read
 from recast.protocol import TaskInfo, TaskModel
 from recast.recipe import build_from_recipe, recipe_of
 from recast.surgery import find_head, install_head
@@ -291,6 +291,7 @@ def build_baseline(method: str, base: nn.Module, **options: Any) -> TaskNetwork:
     return PeftTasks(base, method, **options)
 
 
+@consistent_read
 def load_baseline(directory: str | Path, base: nn.Module | None = None) -> TaskNetwork:
     """Load a directory written by ``TaskNetwork.save_pretrained`` (architecture from its recipe or ``base``)."""
     store = ModelStore(directory)

@@ -19,3 +19,11 @@ class TaskError(RecastError, LookupError):
 
 class FileFormatError(RecastError):
     """A file that is missing, corrupt, of the wrong version or made for another backbone."""
+
+
+class DiskError(RecastError, OSError):
+    """Writing a file failed (disk full, I/O error, no permission); the message names the file,
+    says what was kept and what to do. Built by :func:`recast.io.disk_error` only."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)

@@ -1,37 +1,89 @@
-"""Atomic file writes and small JSON helpers used by every module that writes to disk.
+"""Atomic file writes, the one rule for disk-error messages, and small JSON helpers.
 
-Model directories add staging and checksums on top of these (:mod:`recast.format.staging`)."""
+Every module that writes to disk goes through :func:`atomic_write_bytes` (or the JSON form), whose
+only system calls are ``os.open`` / ``os.write`` / ``os.fsync`` / ``os.replace`` / ``os.mkdir``;
+a failure of any of them becomes a :class:`~recast.errors.DiskError` from :func:`disk_error`,
+which names the file, says what was kept and what to do. Model directories add staging and
+checksums on top of these (:mod:`recast.format.staging`).
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from recast.errors import FileFormatError
+from recast.errors import DiskError, FileFormatError
+
+NOT_WRITTEN = "It was not written; the previous version of the file, if any, is unchanged"
+NOT_FLUSHED = "The new version is in place, but its folder could not be flushed, so a power cut may undo it"
+
+
+def disk_error(exc: OSError, path: str | os.PathLike[str], consequence: str = NOT_WRITTEN) -> DiskError:
+    """``exc`` (a failed write of ``path``) as a ``DiskError`` that says what happened and what to do.
+
+    The one place disk-error messages are worded: ENOSPC / EDQUOT say the disk is full and to free
+    space then retry; EIO says an I/O error occurred at the path; permission errors say where to
+    write instead. ``consequence`` says what the failed operation left (the caller knows).
+    """
+    code = exc.errno if isinstance(exc.errno, int) else errno.EIO
+    reason = exc.strerror or os.strerror(code)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        cause, advice = f"the disk is full: cannot write {path} (no space left on device)", \
+            "Free some space on that disk (or choose a folder on another disk), then retry"
+    elif code == errno.EIO:
+        cause, advice = f"an I/O error occurred at {path} ({reason})", \
+            "Check the disk (for example with dmesg), or write to another disk, then retry"
+    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        cause, advice = f"no permission to write {path} ({reason})", \
+            "Write to a folder you may write to, or fix its permissions, then retry"
+    else:
+        cause, advice = f"cannot write {path} ({reason})", "Fix the cause, then retry"
+    return DiskError(code, f"{cause}. {consequence}. {advice}.", str(path))
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see either the old file or the whole new one.
 
     The bytes go to a temporary file in the same directory, are fsynced, then renamed over the
-    target; the directory is fsynced too so the rename survives a power cut.
+    target; the directory is fsynced too so the rename survives a power cut. On any failure the
+    temporary file is removed and a ``DiskError`` naming ``path`` is raised.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise disk_error(exc, path) from exc
+    try:
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise disk_error(exc, path) from exc
         raise
-    fsync_dir(path.parent)
+    try:
+        fsync_dir(path.parent)
+    except OSError as exc:
+        raise disk_error(exc, path, NOT_FLUSHED) from exc
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until every byte is written (a write may take fewer than it was given)."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(errno.EIO, "the write made no progress")
+        view = view[written:]
 
 
 def fsync_dir(directory: Path) -> None:

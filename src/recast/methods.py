@@ -19,7 +19,7 @@ from recast.adapters import ADAPTERS, architecture
 from recast.baselines import build_baseline, load_baseline
 from recast.config import RecastConfig
 from recast.errors import ConfigError
-from recast.format import BASELINE_FORMAT, ModelStore
+from recast.format import BASELINE_FORMAT, ModelStore, consistent_read
 from recast.model import RecastModel
 from recast.protocol import TaskModel
 from recast.surgery import pointwise_convs
@@ -132,6 +132,7 @@ def _own_bn_option(value: Any, base: nn.Module) -> bool:
     return value
 
 
+@consistent_read
 def load_method(directory: str | Path, base: nn.Module | None = None) -> TaskModel:
     """Load any method's model directory (RECAST-based or baseline) written by ``save_pretrained``."""
     if ModelStore(directory).read_config()["format"] == BASELINE_FORMAT:

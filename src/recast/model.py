@@ -21,7 +21,7 @@ from recast.adapters import attach
 from recast.bank import TemplateBank, fingerprint
 from recast.config import RecastConfig
 from recast.errors import ConfigError, FileFormatError, RecastError, TaskError
-from recast.format import FORMAT_VERSION, MODEL_FORMAT, ModelStore
+from recast.format import FORMAT_VERSION, MODEL_FORMAT, ModelStore, consistent_read
 from recast.format.records import tensor_problems
 from recast.layers import generated_layer
 from recast.mimicry import FitProblem, fidelity, fit, refine_with_data
@@ -294,6 +294,7 @@ class RecastModel(TaskModel):
         }
 
     @classmethod
+    @consistent_read
     def from_pretrained(cls, directory: str | Path, base: nn.Module | None = None) -> RecastModel:
         """Load a model directory written by :meth:`save_pretrained` (on the CPU).
 

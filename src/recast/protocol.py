@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from recast.errors import FileFormatError, TaskError
-from recast.format import FORMAT_VERSION, ModelStore, check_task_name
+from recast.format import FORMAT_VERSION, ModelStore, check_task_name, consistent_read
 from recast.format.names import TASK_FORMAT
 from recast.format.quantize import check_dtype, quantize_tensors
 from recast.format.records import RECORD_KEYS, backbone_header, encode, task_header, tensor_problems
@@ -283,6 +283,7 @@ class TaskModel(nn.Module):
         }
         return data, record
 
+    @consistent_read
     def load_task(self, directory: str | Path, name: str, *, replace: bool = False) -> None:
         """Read task ``name`` from a model directory; on any error the model is left unchanged.
 

@@ -15,6 +15,7 @@ from recast.format.names import (
     check_task_name,
     is_task_name,
 )
+from recast.format.reading import consistent_read
 from recast.format.store import ModelStore, is_model_directory, task_records
 from recast.format.verify import Finding, check_model_dir, leftover_files, verify_model_dir
 
@@ -30,6 +31,7 @@ __all__ = [
     "ModelStore",
     "check_model_dir",
     "check_task_name",
+    "consistent_read",
     "is_model_directory",
     "is_task_name",
     "leftover_files",

@@ -46,12 +46,37 @@ def lock_directory(directory: str | os.PathLike[str], timeout: float = 300.0, po
         os.close(fd)
 
 
-def _acquire(fd: int, path: Path, timeout: float, poll: float) -> None:
-    """Poll a non-blocking ``flock`` until it succeeds or ``timeout`` passes."""
+@contextmanager
+def shared_lock(directory: str | os.PathLike[str], timeout: float = 300.0, poll: float = 0.05) -> Iterator[None]:
+    """Hold a shared (reader's) lock on ``directory`` for the ``with`` block: no writer commits meanwhile.
+
+    Readers normally need no lock (:mod:`recast.format.reading`); this is their last resort when
+    writers keep committing. Where the lock file cannot be opened (a read-only copy, no such
+    folder) nothing can write either, so the block runs without it.
+    """
+    try:
+        fd = os.open(Path(directory) / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        fd = -1
+    if fd < 0:
+        yield
+        return
+    try:
+        _acquire(fd, Path(directory) / LOCK_FILE, timeout, poll, fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _acquire(fd: int, path: Path, timeout: float, poll: float, mode: int = fcntl.LOCK_EX) -> None:
+    """Poll a non-blocking ``flock`` (exclusive, or ``mode``) until it succeeds or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
             return
         except BlockingIOError:
             if time.monotonic() >= deadline:
@@ -63,9 +88,15 @@ def _acquire(fd: int, path: Path, timeout: float, poll: float) -> None:
 
 
 def _record_holder(fd: int) -> None:
-    """Write this process's id into the lock file, for the message other writers see."""
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    """Write this process's id into the lock file, for the message other writers see.
+
+    Best effort: on a full or failing disk the lock still holds, only the message loses the id.
+    """
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:
+        pass
 
 
 def _holder(fd: int) -> str:

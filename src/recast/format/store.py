@@ -4,20 +4,29 @@ Writes are transactions under the directory lock: new file versions are staged u
 carry their checksum, then ``recast_config.json`` (which pins every file's sha256) is replaced in
 one rename, the commit point, then the staged files are moved into place ("settled"). A SIGKILL
 before the commit leaves the previous state; after it, the new one, because readers find staged
-files by checksum. Readers take no lock: every byte they use is checked against a pinned sha256.
+files by checksum. Readers take no lock: every byte they use is checked against a pinned sha256,
+and :mod:`recast.format.reading` starts a read over when a commit raced it.
+
+A write that fails (disk full, I/O error) is cleaned up before its error is raised, still under the
+lock: staged and temporary files the committed config does not pin are removed, pinned ones are
+promoted, so the directory holds exactly one committed state and no leftovers. The error is a
+``DiskError`` naming the file, saying whether the save was committed and what to do.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
 from recast.errors import FileFormatError
-from recast.format.locking import lock_directory
+from recast.format.locking import DirectoryLockedError, lock_directory
 from recast.format.names import BACKBONE_FILE, CONFIG_FILE, TASKS_DIR, check_task_name, is_task_name, task_path
 from recast.format.quantize import DTYPES, dequantize_tensors
+from recast.format.reading import consistent_read
 from recast.format.records import (
     check_backbone_header,
     check_config_record,
@@ -27,9 +36,9 @@ from recast.format.records import (
     is_pinned,
     task_record_problems,
 )
-from recast.format.staging import promote, read_checked, write_staged
-from recast.format.verify import leftover_files
-from recast.io import atomic_write_json, read_json
+from recast.format.staging import promote, read_checked, staged_path, write_staged
+from recast.format.verify import leftover_files, pinned_names
+from recast.io import atomic_write_json, disk_error, read_json
 
 TaskBlob = tuple[bytes, dict[str, Any]]  # a task file's bytes and the record that pins them
 
@@ -137,7 +146,7 @@ class ModelStore:
         Tasks already in the directory that this model does not hold are kept when they fit its
         fingerprint (``config["fingerprint"]``).
         """
-        with lock_directory(self.directory):
+        with self._transaction():
             previous = self.committed()
             if previous is not None:
                 self._settle(previous)
@@ -159,7 +168,7 @@ class ModelStore:
         """
         data, record = blob
         path = self.task_file(name)
-        with lock_directory(self.directory):
+        with self._transaction():
             committed = self.committed()
             if committed is None:
                 write_staged(path, data)
@@ -178,6 +187,95 @@ class ModelStore:
             committed["tasks"] = [*[t for t in committed.get("tasks", []) if t != name], name]
             atomic_write_json(self.config_path, committed)
             self._settle(committed)
+
+    def delete_task(self, name: str) -> bool:
+        """Remove task ``name`` from the directory (committed in one rename); False when it holds none.
+
+        The config without the task is the commit; the task's files are removed after it, so a
+        crash in between leaves only files the config no longer lists (``recast verify`` warns).
+        """
+        path = self.task_file(name)
+        with self._transaction():
+            committed = self.committed()
+            if committed is None:
+                found = path.with_suffix(".json").is_file()
+                path.with_suffix(".json").unlink(missing_ok=True)
+            else:
+                self._settle(committed)
+                found = name in committed["task_records"]
+                if found:
+                    del committed["task_records"][name]
+                    committed["tasks"] = [t for t in committed.get("tasks", []) if t != name]
+                    if committed.get("active") == name:
+                        committed["active"] = next(iter(committed["tasks"]), None)
+                    atomic_write_json(self.config_path, committed)
+                    path.with_suffix(".json").unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+            return found
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """Hold the write lock; on a failed write, tidy up and raise a ``DiskError`` that says what was kept."""
+        before: bytes | None = None
+        try:
+            with lock_directory(self.directory):
+                before = self._config_bytes()
+                try:
+                    yield
+                except OSError:
+                    self._recover()
+                    raise
+        except DirectoryLockedError:
+            raise
+        except OSError as exc:
+            committed = before is not None and self._config_bytes() != before
+            kept = (f"The save was committed: {self.directory} loads the new state" if committed else
+                    f"Nothing was saved: {self.directory} still holds its previous state, unchanged")
+            raise disk_error(exc, exc.filename or self.directory, kept) from exc
+
+    def _config_bytes(self) -> bytes | None:
+        """The config as it is on disk now (``None`` when there is none): what a commit changes."""
+        try:
+            return self.config_path.read_bytes()
+        except OSError:
+            return None
+
+    def _recover(self) -> None:
+        """After a failed write: drop staged files no commit pins, then finish the committed state.
+
+        Best effort (the disk may still be failing): removing files needs no space, so the
+        leftovers go first; promoting and rewriting task JSONs may fail again, and then the
+        next save finishes them (the directory loads either way).
+        """
+        committed = self.committed()
+        keep = pinned_names(committed) if committed is not None else self._pinned_without_config()
+        for leftover in leftover_files(self.directory):
+            if leftover.name not in keep:
+                leftover.unlink(missing_ok=True)
+        try:
+            if committed is not None:
+                self._settle(committed)
+            else:
+                for name, record in self._task_json_records().items():
+                    promote(self.task_file(name), record["sha256"])
+        except (OSError, FileFormatError):
+            pass
+
+    def _task_json_records(self) -> dict[str, dict[str, Any]]:
+        """The usable ``tasks/*.json`` records of a directory without a config (their JSON is their commit)."""
+        records = {}
+        for name in self._task_names_on_disk():
+            try:
+                record = read_json(task_path(self.directory, name, ".json"))
+            except FileFormatError:
+                continue
+            if isinstance(record, dict) and not task_record_problems(record):
+                records[name] = record
+        return records
+
+    def _pinned_without_config(self) -> set[str]:
+        """Staged file names that task JSONs pin, in a directory without a config."""
+        return {staged_path(self.task_file(n), r["sha256"]).name for n, r in self._task_json_records().items()}
 
     def _settle(self, record: dict[str, Any]) -> None:
         """Finish a committed write: promote staged files, refresh task JSONs, drop leftovers.
@@ -201,15 +299,7 @@ class ModelStore:
 
     def _kept_records(self, previous: dict[str, Any] | None, fingerprint: str) -> dict[str, dict[str, Any]]:
         """Task records already in the directory that fit the backbone ``fingerprint``."""
-        if previous is not None:
-            candidates = previous["task_records"]
-        else:
-            candidates = {}
-            for name in self._task_names_on_disk():
-                try:
-                    candidates[name] = read_json(task_path(self.directory, name, ".json"))
-                except FileFormatError:
-                    continue
+        candidates = previous["task_records"] if previous is not None else self._task_json_records()
         return {
             name: record for name, record in candidates.items()
             if is_task_name(name) and isinstance(record, dict) and not task_record_problems(record)
@@ -217,6 +307,7 @@ class ModelStore:
         }
 
 
+@consistent_read
 def task_records(directory: str | Path) -> dict[str, Any]:
     """The tasks a model directory holds, name -> record, as its config lists them (for ``recast tasks``)."""
     return ModelStore(directory).task_records()

@@ -75,7 +75,7 @@ def check_model_dir(path: str | Path) -> list[Finding]:
         return [Finding(str(directory), "error", "not a directory")]
     findings: list[Finding] = []
     record = _check(findings, directory / CONFIG_FILE, lambda p: _config(p))
-    pins = _pinned_files(record)
+    pins = pinned_names(record)
     _check(findings, directory / BACKBONE_FILE, lambda p: _backbone(p, record))
     findings += _task_findings(directory, record)
     for leftover in leftover_files(directory):
@@ -118,8 +118,11 @@ def _config(path: Path) -> tuple[dict[str, Any], str]:
     return record, f"ok ({len(record['task_records'])} tasks pinned by sha256)"
 
 
-def _pinned_files(record: dict[str, Any] | None) -> set[str]:
-    """Staged file names the config's checksums point at (present only after an interrupted save)."""
+def pinned_names(record: dict[str, Any] | None) -> set[str]:
+    """Staged file names the config's checksums point at (present only after an interrupted save).
+
+    These hold committed content: a cleanup must promote them, never delete them.
+    """
     if not record or not is_pinned(record):
         return set()
     names = {staged_path(BACKBONE_FILE, record["backbone_file"]["sha256"]).name}

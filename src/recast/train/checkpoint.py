@@ -99,7 +99,8 @@ def save_checkpoint(directory: Path, trainer: Trainer, state: LoopState, config:
     """Write the state after a completed epoch: ``epoch-<k>.safetensors`` then ``checkpoint.json``.
 
     The JSON, written last, names the tensor file; a run killed at any moment leaves the previous
-    pair complete, and older tensor files are removed only after the new JSON is in place.
+    pair complete, and older tensor files are removed only after the new JSON is in place. A
+    failed write (``DiskError``: disk full, I/O error) leaves the previous pair and no other file.
     """
     tensors = {f"model.{k}": v for k, v in state_tensors(trainer.model).items()}
     tensors.update({f"best.{k}": v for k, v in state.best.items()})
@@ -118,9 +119,26 @@ def save_checkpoint(directory: Path, trainer: Trainer, state: LoopState, config:
         "optimizer_groups": optim_state["param_groups"], "scheduler": trainer.scheduler.state_dict(),
         "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
     }
-    atomic_write_json(directory / CHECKPOINT_FILE, record)
+    try:
+        atomic_write_json(directory / CHECKPOINT_FILE, record)
+    finally:
+        _drop_unnamed_tensors(directory)
+
+
+def _drop_unnamed_tensors(directory: Path) -> None:
+    """Remove every ``epoch-*.safetensors`` but the one ``checkpoint.json`` names now.
+
+    Runs after a save and after a failed one (disk full: the new tensor file may be written but
+    the JSON that names it not), so only the committed pair is ever left.
+    """
+    current = None
+    if (directory / CHECKPOINT_FILE).is_file():
+        try:
+            current = read_json(directory / CHECKPOINT_FILE).get("tensors")
+        except (FileFormatError, AttributeError):
+            return  # unreadable: keep every tensor file, load_checkpoint will say what is wrong
     for old in directory.glob("epoch-*.safetensors"):
-        if old.name != name:
+        if old.name != current:
             old.unlink(missing_ok=True)
 
 

@@ -40,8 +40,29 @@ def is_sha256(value: Any) -> bool:
 
 
 def encode(tensors: dict[str, Tensor], header: dict[str, str]) -> bytes:
-    """Safetensors bytes of ``tensors`` (moved to the CPU, contiguous) with ``header`` as metadata."""
-    return safetensors.torch.save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, header)
+    """Safetensors bytes of ``tensors`` (moved to the CPU, contiguous) with ``header`` as metadata.
+
+    The same tensors and header always give the same bytes (so the same sha256): safetensors
+    writes its metadata in hash-map order, which changes from call to call, so the metadata is
+    put in sorted order here (same length, so offsets and padding are unchanged).
+    """
+    data = safetensors.torch.save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, header)
+    return _sorted_metadata(data)
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """``data`` with the ``__metadata__`` of its header in sorted key order (else unchanged)."""
+    length = int.from_bytes(data[:8], "little")
+    text = data[8:8 + length].decode("utf-8")
+    header = json.loads(text)
+    if not isinstance(header.get("__metadata__"), dict):
+        return data
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    canonical = json.dumps(header, separators=(",", ":"), ensure_ascii=False)
+    padded = canonical + " " * (len(text.encode("utf-8")) - len(canonical.encode("utf-8")))
+    if len(padded.encode("utf-8")) != length or json.loads(padded) != json.loads(text):
+        return data
+    return data[:8] + padded.encode("utf-8") + data[8 + length:]
 
 
 def decode(path: Path, data: bytes) -> tuple[dict[str, Tensor], dict[str, str]]:

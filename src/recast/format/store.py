@@ -208,18 +208,27 @@ class ModelStore:
                     committed["tasks"] = [t for t in committed.get("tasks", []) if t != name]
                     if committed.get("active") == name:
                         committed["active"] = next(iter(committed["tasks"]), None)
-                    atomic_write_json(self.config_path, committed)
-                    path.with_suffix(".json").unlink(missing_ok=True)
+                    try:
+                        atomic_write_json(self.config_path, committed)
+                    finally:  # also when the write failed after its commit (a directory fsync)
+                        self._drop_files_unless_listed(name)
             path.unlink(missing_ok=True)
             return found
+
+    def _drop_files_unless_listed(self, name: str) -> None:
+        """Remove task ``name``'s files when the committed config does not list it (any more)."""
+        committed = self.committed()
+        if committed is not None and name not in committed["task_records"]:
+            for suffix in (".json", ".safetensors"):
+                task_path(self.directory, name, suffix).unlink(missing_ok=True)
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
         """Hold the write lock; on a failed write, tidy up and raise a ``DiskError`` that says what was kept."""
-        before: bytes | None = None
+        locked, before = False, None
         try:
             with lock_directory(self.directory):
-                before = self._config_bytes()
+                locked, before = True, self._config_bytes()
                 try:
                     yield
                 except OSError:
@@ -228,7 +237,7 @@ class ModelStore:
         except DirectoryLockedError:
             raise
         except OSError as exc:
-            committed = before is not None and self._config_bytes() != before
+            committed = locked and self._config_bytes() != before
             kept = (f"The save was committed: {self.directory} loads the new state" if committed else
                     f"Nothing was saved: {self.directory} still holds its previous state, unchanged")
             raise disk_error(exc, exc.filename or self.directory, kept) from exc

@@ -111,7 +111,7 @@ def save_checkpoint(directory: Path, trainer: Trainer, state: LoopState, config:
     rng_tensors, rng_plain = _rng_state()
     tensors.update(rng_tensors)
     name = f"epoch-{state.epoch}.safetensors"
-    atomic_write_bytes(directory / name, safetensors.torch.save(tensors))
+    data = safetensors.torch.save(tensors)
     record = {
         "format": "recast-train-checkpoint", "tensors": name, "config": config.to_dict(),
         "epoch": state.epoch, "step": state.step, "best_epoch": state.best_epoch, "best_val": state.best_val,
@@ -120,6 +120,7 @@ def save_checkpoint(directory: Path, trainer: Trainer, state: LoopState, config:
         "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
     }
     try:
+        atomic_write_bytes(directory / name, data)
         atomic_write_json(directory / CHECKPOINT_FILE, record)
     finally:
         _drop_unnamed_tensors(directory)

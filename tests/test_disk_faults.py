@@ -24,7 +24,9 @@ Each test prints and asserts how many write points it covered.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import errno
+import io
 import os
 import re
 import shutil
@@ -38,10 +40,11 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from recast.cli import main as cli_main
 from recast.edge.pack import write_packed_task
 from recast.errors import DiskError, RecastError
 from recast.format import ModelStore, is_model_directory, leftover_files, verify_model_dir
-from recast.io import atomic_write_json, read_json
+from recast.io import atomic_write_json, disk_error, read_json
 from recast.methods import load_method
 from recast.protocol import TaskModel
 from recast.train.checkpoint import LoopState, Trainer, load_checkpoint, save_checkpoint
@@ -186,7 +189,10 @@ def model_check(old: dict[str, Any] | None, new: dict[str, Any]) -> Callable[[Pa
         no_leftovers(directory)
         loaded = model_state(directory)
         if loaded is not None:
-            assert verify_model_dir(directory) == []
+            assert verify_model_dir(directory) == []  # no error and no warning either
+            with contextlib.redirect_stdout(io.StringIO()) as report:
+                assert cli_main(["verify", str(directory)]) == 0  # `recast verify DIR` passes
+            assert "all files good" in report.getvalue()
             if error is not None and same_state(loaded, new):
                 assert "was committed" in str(error)
         if same_state(loaded, new):
@@ -340,3 +346,17 @@ def test_packed_task_file_survives_a_fault_at_every_write_point(tmp_path, models
     outcomes = run_with_faults("write_packed_task", setup, operation,
                                single_file_check(lambda d: d / "a.safetensors", old, new), tmp_path)
     print(f"write_packed_task: {outcomes}")
+
+
+@pytest.mark.parametrize(("code", "wording"), [
+    (errno.ENOSPC, "the disk is full: cannot write {path}"), (errno.EDQUOT, "the disk is full: cannot write {path}"),
+    (errno.EIO, "an I/O error occurred at {path}"), (errno.EACCES, "no permission to write {path}"),
+    (errno.EROFS, "no permission to write {path}"), (errno.ENAMETOOLONG, "cannot write {path}"),
+])
+def test_one_rule_words_every_disk_error(tmp_path, code, wording):
+    path = tmp_path / "out.json"
+    error = disk_error(OSError(code, os.strerror(code)), path, "Kept as it was")
+    assert isinstance(error, DiskError) and isinstance(error, RecastError) and isinstance(error, OSError)
+    assert error.errno == code and error.filename == str(path)
+    assert str(error).startswith(wording.format(path=path)) and "Kept as it was." in str(error)
+    assert str(error).endswith("retry.")

@@ -16,6 +16,7 @@ it can while this process reads it; every read must be one of the two. The test 
 
 from __future__ import annotations
 
+import fcntl
 import multiprocessing
 import os
 import pathlib
@@ -32,6 +33,7 @@ import torch
 
 from recast.errors import FileFormatError
 from recast.format import ModelStore, reading, task_records
+from recast.io import atomic_write_bytes
 from recast.protocol import TaskModel
 from tests.reliability.common import nudge, tiny_method
 from tests.test_disk_faults import CALLS, WRITE_FLAGS, model_state, same_state
@@ -303,3 +305,40 @@ def stress_reads(directory: Path, models: dict[str, TaskModel]) -> int:
         child.join(timeout=30)
     assert child.exitcode == 0
     return reads
+
+
+# ------------------------------------------------------------------------------------ the retry itself
+def test_a_read_is_retried_only_while_commits_race_it_then_runs_under_the_shared_lock(tmp_path, models):
+    models["recast"]["old"].save_pretrained(tmp_path)
+    config = tmp_path / "recast_config.json"
+    attempts: list[bool] = []
+
+    def racing_read() -> str:
+        """Fails like a read a commit overtook (and commits again) until it runs under the shared lock."""
+        fd = os.open(tmp_path / ".lock", os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            locked = False
+        except BlockingIOError:
+            locked = True  # a reader holds the shared lock: no writer could get the exclusive one
+        finally:
+            os.close(fd)
+        attempts.append(locked)
+        if not locked:
+            atomic_write_bytes(config, config.read_bytes())  # a commit: same bytes, a new inode
+            raise FileFormatError("checksum mismatch")
+        return "read"
+
+    assert reading.read_consistently(tmp_path, racing_read) == "read"
+    assert attempts == [False] * reading.OPTIMISTIC_TRIES + [True]
+
+    calls = []
+
+    def corrupt_read() -> None:
+        calls.append(1)
+        raise FileFormatError("checksum mismatch")
+
+    with pytest.raises(FileFormatError):  # nothing committed meanwhile: a real problem, raised at once
+        reading.read_consistently(tmp_path, corrupt_read)
+    assert calls == [1]

@@ -29,6 +29,8 @@ def disk_error(exc: OSError, path: str | os.PathLike[str], consequence: str = NO
     space then retry; EIO says an I/O error occurred at the path; permission errors say where to
     write instead. ``consequence`` says what the failed operation left (the caller knows).
     """
+    if isinstance(exc, DiskError) and isinstance(exc.__cause__, OSError):
+        exc = exc.__cause__  # re-worded by a caller that knows more of what was kept: start from the cause
     code = exc.errno if isinstance(exc.errno, int) else errno.EIO
     reason = exc.strerror or os.strerror(code)
     if code in (errno.ENOSPC, errno.EDQUOT):

@@ -238,7 +238,8 @@ class ModelStore:
             raise
         except OSError as exc:
             committed = locked and self._config_bytes() != before
-            kept = (f"The save was committed: {self.directory} loads the new state" if committed else
+            kept = (f"The change was committed ({self.directory} loads the new state), but finishing it failed; "
+                    "the next save to it completes it" if committed else
                     f"Nothing was saved: {self.directory} still holds its previous state, unchanged")
             raise disk_error(exc, exc.filename or self.directory, kept) from exc
 
@@ -256,12 +257,12 @@ class ModelStore:
         leftovers go first; promoting and rewriting task JSONs may fail again, and then the
         next save finishes them (the directory loads either way).
         """
-        committed = self.committed()
-        keep = pinned_names(committed) if committed is not None else self._pinned_without_config()
-        for leftover in leftover_files(self.directory):
-            if leftover.name not in keep:
-                leftover.unlink(missing_ok=True)
         try:
+            committed = self.committed()
+            keep = pinned_names(committed) if committed is not None else self._pinned_without_config()
+            for leftover in leftover_files(self.directory):
+                if leftover.name not in keep:
+                    leftover.unlink(missing_ok=True)
             if committed is not None:
                 self._settle(committed)
             else:

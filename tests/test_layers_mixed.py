@@ -21,7 +21,7 @@ def _model(base: torch.nn.Module, target: str) -> RecastModel:
     for number, name in enumerate(TASKS):
         model.add_task(name, 3 + 2 * number)
         for _, module in model.task_modules():
-            for tensor in module.per_task[name].parameters():
+            for tensor in module.parameters_of(name):
                 with torch.no_grad():
                     tensor.add_(0.3 * torch.randn(tensor.shape, generator=generator))
     return model
@@ -62,7 +62,7 @@ def test_template_path_is_taken_and_differentiable(one_thread) -> None:
     out = model.forward_tasks(x, ["a", "b", "a", "c"], batching="template")
     out[torch.isfinite(out)].sum().backward()
     assert calls == [(4, layer.bank.size)]
-    grads = [layer.per_task[t]["coefficients"].grad for t in TASKS]
+    grads = [model.coefficient_table.per_task[t].grad for t in TASKS]
     assert grads[0] is not None and grads[0].abs().sum() > 0  # the active task's coefficients learn
 
 

@@ -99,7 +99,9 @@ def test_only_task_parameters_change_and_test_is_measured_once(folders, tmp_path
     model = tiny_model()
     splits = open_colours(folders[0], model, augment=True)
     prepare_task(model, "a", splits.classes, seed=0)
-    frozen = {k: v.clone() for k, v in model.state_dict().items() if "per_task.a." not in k}
+    own = {n for n, p in model.named_parameters() if p.requires_grad}  # task a's coefficients and head
+    assert own == {"coefficient_table.per_task.a", "net.head.per_task.weight.a", "net.head.per_task.bias.a"}
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if k not in own}
     result = fit_task(model, splits.train, splits.val, splits.test, FAST, log_csv=tmp_path / "log.csv")
     assert result.test_accuracy >= 0.9 and result.val_accuracy >= 0.9
     assert 1 <= result.best_epoch <= 3 and len(result.history) == 3

@@ -1,9 +1,11 @@
 """Linear and Conv2d layers whose weight is generated from a shared template bank.
 
-Each layer points to a ``TemplateBank`` it does not own and keeps, per task, a ``(K, n)`` tensor of
-coefficients; its weight is ``compose(bank.templates, coefficients)``. Biases stay the pretrained
-ones, frozen. When no gradient can flow (evaluation), the generated weight is cached until the
-task, the coefficients or the templates change.
+Each layer points to a ``TemplateBank`` it does not own and reads, per task, a ``(K, n)`` slice of
+coefficients from a :class:`CoefficientTable` it does not own either (one flat tensor per task for
+every generated layer of the model); its weight is ``compose(bank.templates, coefficients)``.
+Biases stay the pretrained ones, frozen. When no gradient can flow (evaluation), the generated
+weight is cached until the task, the coefficients or the templates change, for the active task and
+at most ``cache_limit`` tasks in all (a composed weight is megabytes, a task's coefficients bytes).
 
 A batch whose samples belong to different tasks (``RecastModel.forward_tasks``) takes one of two
 paths in each generated layer, chosen per layer and per batch by :func:`prefer_templates`:
@@ -17,6 +19,7 @@ paths in each generated layer, chosen per layer and per batch by :func:`prefer_t
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -25,7 +28,7 @@ from torch import Tensor, nn
 
 from recast.bank import TemplateBank, compose
 from recast.errors import TaskError
-from recast.tasks import Routing, TaskModule, TaskSpec
+from recast.tasks import Routing, TaskModule, TaskParameters, TaskSpec
 
 # The fixed price of one extra task group in the grouped path (gather, a small layer call, scatter:
 # a few kernel launches and copies), as the multiply-adds the device could have done meanwhile.
@@ -64,27 +67,139 @@ def prefer_templates(
     return template_cost < group_cost
 
 
+class CoefficientTable(nn.Module):
+    """Every task's coefficients for all generated layers of a model: one flat ``Parameter`` per task.
+
+    A RECAST task is a few dozen numbers; a ``Parameter`` (let alone a module) per layer and task
+    would cost far more Python memory than the numbers. Each generated layer reserves its slice
+    once, when the model is assembled, and reads it as a view; gradients of the views add up in
+    the task's one tensor, which is what the optimiser trains.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.per_task = TaskParameters()
+        self.size = 0
+        self.active: str | None = None
+
+    def reserve(self, numel: int) -> int:
+        """Room for ``numel`` more numbers per task; returns where they start."""
+        if len(self.per_task):
+            raise TaskError("generated layers must be created before any task")
+        offset, self.size = self.size, self.size + numel
+        return offset
+
+    def ensure(self, name: str, like: Tensor) -> Tensor:
+        """Task ``name``'s flat tensor, created (zeros, frozen, like ``like``) if it does not exist yet."""
+        if name not in self.per_task:
+            self.per_task[name] = nn.Parameter(like.new_zeros(self.size), requires_grad=False)
+        return self.per_task[name]
+
+    def discard(self, name: str) -> None:
+        """Forget task ``name`` (nothing happens when it is not here)."""
+        if name in self.per_task:
+            del self.per_task[name]
+        if self.active == name:
+            self.active = None
+
+    def activate(self, name: str) -> None:
+        """Only task ``name``'s tensor requires grad (the previous one is frozen again)."""
+        if self.active is not None and self.active != name and self.active in self.per_task:
+            self.per_task[self.active].requires_grad_(False)
+        self.per_task[name].requires_grad_(True)
+        self.active = name
+
+    def view(self, name: str, offset: int, shape: torch.Size) -> Tensor:
+        """The slice of task ``name`` at ``offset`` as a (differentiable) view of ``shape``."""
+        if name not in self.per_task:
+            raise TaskError(f"no coefficients for task {name!r}")
+        return self.per_task[name].narrow(0, offset, shape.numel()).view(shape)
+
+
+class LayerCoefficients(dict):
+    """One task's state in one generated layer: ``{"coefficients": (K, n) view into its table row}``."""
+
+    def named_parameters(self) -> Iterator[tuple[str, Tensor]]:
+        return iter(self.items())
+
+    def parameters(self) -> Iterator[Tensor]:
+        return iter(self.values())
+
+
+class _LayerTasks(Mapping):
+    """A generated layer's ``per_task``: task name -> :class:`LayerCoefficients` (read only)."""
+
+    def __init__(self, layer: GeneratedWeight) -> None:
+        self.layer = layer
+
+    def __getitem__(self, name: str) -> LayerCoefficients:
+        if name not in self.layer.table.per_task:
+            raise KeyError(name)
+        return LayerCoefficients(coefficients=self.layer.coefficients(name))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self.layer.table.per_task.keys()))
+
+    def __len__(self) -> int:
+        return len(self.layer.table.per_task)
+
+
 class GeneratedWeight(TaskModule):
-    """Shared part of the generated layers: bank reference, coefficients per task, weight cache."""
+    """Shared part of the generated layers: bank and table references, its slice, weight cache."""
 
     kind = "coefficients"
+    cache_limit = 4  # composed weights kept per layer (the active task's always among them)
 
-    def __init__(self, bank: TemplateBank, coefficients: Tensor, bias: Tensor | None) -> None:
-        super().__init__()
+    def __init__(self, bank: TemplateBank, coefficients: Tensor, bias: Tensor | None, table: CoefficientTable) -> None:
+        super().__init__(_LayerTasks(self))
         if coefficients.dim() != 2 or coefficients.shape[1] != bank.size:
             raise ValueError(f"coefficients must be (K, {bank.size}), got {tuple(coefficients.shape)}")
         self.__dict__["bank"] = bank  # shared by reference; owned and saved by RecastModel.banks
+        self.__dict__["table"] = table  # shared by reference; owned by RecastModel.coefficient_table
         self.register_buffer("mimicry", coefficients.detach().clone())  # (K, n) fitted start values
+        self.offset = table.reserve(coefficients.numel())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self._cache: dict[str, tuple[Any, Tensor]] = {}
 
-    def make_task_state(self, spec: TaskSpec) -> nn.Module:
-        return nn.ParameterDict({"coefficients": nn.Parameter(self.mimicry.detach().clone())})
-
     def coefficients(self, task: str | None = None) -> Tensor:
-        """The ``(K, n)`` coefficients of ``task`` (default: the active one)."""
-        state = self.per_task[task] if task is not None else self.state()
-        return state["coefficients"]
+        """The ``(K, n)`` coefficients of ``task`` (default: the active one), a view into its table row."""
+        if task is None:
+            if self.active is None:
+                raise TaskError("no task is active: call set_task(name) first")
+            task = self.active
+        return self.table.view(task, self.offset, self.mimicry.shape)
+
+    # ------------------------------------------------------------------ per-task state in the table
+    def has_task(self, name: str) -> bool:
+        return name in self.table.per_task
+
+    def add_task(self, name: str, spec: TaskSpec) -> None:
+        """Fill this layer's slice of task ``name`` with the fitted values (or ``init_from``'s)."""
+        source = self.mimicry if spec.init_from is None else self.coefficients(spec.init_from)
+        self.table.ensure(name, self.mimicry)
+        with torch.no_grad():
+            self.coefficients(name).copy_(source)
+
+    def parameters_of(self, name: str) -> list[Tensor]:
+        return [self.table.per_task[name]]
+
+    def activate(self, name: str) -> None:
+        if not self.has_task(name):
+            raise TaskError(f"{type(self).__name__} has no state for task {name!r}")
+        self.active = name
+        self.table.activate(name)
+
+    def task_tensors(self, name: str) -> dict[str, Tensor]:
+        return {"coefficients": self.coefficients(name).detach()}
+
+    def load_task_tensors(self, name: str, tensors: dict[str, Tensor]) -> None:
+        if set(tensors) != {"coefficients"} or tensors["coefficients"].shape != self.mimicry.shape:
+            raise TaskError(f"coefficients of task {name!r} must be one tensor of shape {tuple(self.mimicry.shape)}")
+        with torch.no_grad():
+            self.coefficients(name).copy_(tensors["coefficients"])
+
+    def task_numel(self, name: str) -> int:
+        return self.mimicry.numel()
 
     def task_weight(self, task: str) -> Tensor:
         """The weight generated for ``task`` (differentiable)."""
@@ -103,11 +218,18 @@ class GeneratedWeight(TaskModule):
         if torch.is_grad_enabled() and (coefficients.requires_grad or templates.requires_grad):
             return compose(templates, coefficients)
         key = (coefficients._version, templates._version, coefficients.data_ptr(), templates.data_ptr())
-        cached = self._cache.get(task)
+        cached = self._cache.pop(task, None)  # re-inserted last: the dict is in least-recent-first order
         if cached is None or cached[0] != key:
+            self._evict(keep=self.cache_limit - 1)
             with torch.no_grad():
-                cached = self._cache[task] = (key, compose(templates, coefficients, out=self._take_spare(templates)))
+                cached = (key, compose(templates, coefficients, out=self._take_spare(templates)))
+        self._cache[task] = cached
         return cached[1]
+
+    def _evict(self, keep: int) -> None:
+        """Drop the least recently used weights until ``keep`` remain (never the active task's)."""
+        for task in [t for t in self._cache if t != self.active][: max(0, len(self._cache) - max(keep, 0))]:
+            self.__dict__["_spare"] = self._cache.pop(task)[1]  # its buffer is reused by the next weight
 
     def _take_spare(self, templates: Tensor) -> Tensor | None:
         """The buffer a deleted task's cached weight left behind, when it fits (else ``None``).
@@ -125,7 +247,9 @@ class GeneratedWeight(TaskModule):
         cached = self._cache.pop(name, None)
         if cached is not None:  # its buffer is reused by the next weight composed (see _take_spare)
             self.__dict__["_spare"] = cached[1]
-        super().delete_task(name)
+        self.table.discard(name)
+        if self.active == name:
+            self.active = None
 
     def forward(self, x: Tensor) -> Tensor:
         """As ``TaskModule.forward``; a mixed-task batch takes the template path or groups (see module doc)."""
@@ -203,8 +327,8 @@ def _side_by_side(templates: Tensor) -> Tensor:
 class GeneratedLinear(GeneratedWeight):
     """``nn.Linear`` with a generated weight ``(out_features, in_features)``."""
 
-    def __init__(self, bank: TemplateBank, coefficients: Tensor, bias: Tensor | None) -> None:
-        super().__init__(bank, coefficients, bias)
+    def __init__(self, bank: TemplateBank, coefficients: Tensor, bias: Tensor | None, table: CoefficientTable) -> None:
+        super().__init__(bank, coefficients, bias, table)
         self.out_features, self.in_features = bank.weight_shape
 
     def forward_task(self, x: Tensor, task: str) -> Tensor:  # (..., in) -> (..., out)
@@ -229,8 +353,10 @@ class GeneratedLinear(GeneratedWeight):
 class GeneratedConv2d(GeneratedWeight):
     """``nn.Conv2d`` (zero padding) with a generated weight ``(out, in/groups, kh, kw)``."""
 
-    def __init__(self, bank: TemplateBank, coefficients: Tensor, bias: Tensor | None, conv: nn.Conv2d) -> None:
-        super().__init__(bank, coefficients, bias)
+    def __init__(
+        self, bank: TemplateBank, coefficients: Tensor, bias: Tensor | None, table: CoefficientTable, conv: nn.Conv2d
+    ) -> None:
+        super().__init__(bank, coefficients, bias, table)
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError("only zero padding with explicit sizes is supported for generated convolutions")
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
@@ -267,10 +393,11 @@ class GeneratedConv2d(GeneratedWeight):
         )
 
 
-def generated_layer(original: nn.Module, bank: TemplateBank, coefficients: Tensor) -> GeneratedWeight:
-    """The generated counterpart of a plain ``nn.Linear`` or ``nn.Conv2d``, keeping its bias."""
+def generated_layer(original: nn.Module, bank: TemplateBank, coefficients: Tensor, table: CoefficientTable) -> GeneratedWeight:
+    """The generated counterpart of a plain ``nn.Linear`` or ``nn.Conv2d``, keeping its bias; its
+    coefficients live in ``table``."""
     if isinstance(original, nn.Linear):
-        return GeneratedLinear(bank, coefficients, original.bias)
+        return GeneratedLinear(bank, coefficients, original.bias, table)
     if isinstance(original, nn.Conv2d):
-        return GeneratedConv2d(bank, coefficients, original.bias, original)
+        return GeneratedConv2d(bank, coefficients, original.bias, table, original)
     raise TypeError(f"cannot generate the weight of a {type(original).__name__}")

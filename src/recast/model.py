@@ -1,8 +1,9 @@
 """``RecastModel``: a pretrained network whose chosen layers are generated from template banks.
 
-It owns the banks, wraps the base network (rewritten in a copy), keeps per-task state in the
-network's :class:`~recast.tasks.TaskModule` s (coefficients, heads, BatchNorm statistics,
-adapters), and exports any task as an ordinary ``nn.Module``. The task protocol (records, names,
+It owns the banks and the coefficient table (one flat tensor per task for every generated
+layer), wraps the base network (rewritten in a copy), keeps per-task state in the network's
+:class:`~recast.tasks.TaskModule` s (coefficients, heads, BatchNorm statistics, adapters), and
+exports any task as an ordinary ``nn.Module``. The task protocol (records, names,
 saving and loading) comes from :class:`recast.protocol.TaskModel`; the files from
 :mod:`recast.format`.
 """
@@ -23,7 +24,7 @@ from recast.config import RecastConfig
 from recast.errors import ConfigError, FileFormatError, RecastError, TaskError
 from recast.format import FORMAT_VERSION, MODEL_FORMAT, ModelStore, consistent_read
 from recast.format.records import tensor_problems
-from recast.layers import generated_layer
+from recast.layers import CoefficientTable, generated_layer
 from recast.mimicry import FitProblem, fidelity, fit, refine_with_data
 from recast.protocol import TaskInfo, TaskModel
 from recast.recipe import build_from_recipe, recipe_of
@@ -43,10 +44,13 @@ class RecastModel(TaskModel):
         head_name: str,
         recipe: dict[str, Any] | None = None,
         mimicry_report: dict[str, Any] | None = None,
+        coefficient_table: CoefficientTable | None = None,
     ) -> None:
         super().__init__(method="recast")
         self.net = net
         self.banks = nn.ModuleDict(banks)
+        # Every task's coefficients (the generated layers of ``net`` hold references and offsets).
+        self.coefficient_table = coefficient_table if coefficient_table is not None else CoefficientTable()
         self.config = config
         self.plans = plans
         self.head_name = head_name
@@ -104,15 +108,15 @@ class RecastModel(TaskModel):
     ) -> RecastModel:
         """Swap in generated layers, task heads and task BatchNorm; register task ``base``."""
         net.requires_grad_(False)
-        banks = {}
+        banks, table = {}, CoefficientTable()
         for plan, (templates, coefficients) in zip(plans, fitted, strict=True):
             bank = banks[plan.key] = TemplateBank(templates)
             for index, name in enumerate(plan.layers):
-                net.set_submodule(name, generated_layer(net.get_submodule(name), bank, coefficients[index]))
+                net.set_submodule(name, generated_layer(net.get_submodule(name), bank, coefficients[index], table))
         head_name = find_head(net)
         head = install_head(net, head_name)
         wrap_batchnorms(net)
-        model = cls(net, config, plans, banks, head_name, recipe)
+        model = cls(net, config, plans, banks, head_name, recipe, coefficient_table=table)
         spec = TaskSpec(num_classes=head.num_classes("base"))
         for _, module in model.task_modules():
             if module is not head:
@@ -170,7 +174,7 @@ class RecastModel(TaskModel):
 
     def _delete_state(self, name: str) -> None:
         for _, module in self.task_modules():
-            if name in module.per_task:
+            if module.has_task(name):
                 module.delete_task(name)
 
     def _state_counts(self, name: str) -> dict[str, int]:
@@ -182,7 +186,7 @@ class RecastModel(TaskModel):
     def _state_parameters(self, name: str) -> dict[str, list[nn.Parameter]]:
         by_kind: dict[str, list[nn.Parameter]] = {}
         for _, module in self.task_modules():
-            by_kind.setdefault(module.kind, []).extend(module.per_task[name].parameters())
+            by_kind.setdefault(module.kind, []).extend(module.parameters_of(name))
         return by_kind
 
     def _group_options(self, kind: str) -> dict[str, Any]:
@@ -246,6 +250,7 @@ class RecastModel(TaskModel):
         """An ordinary copy of the base architecture with task ``name``'s generated weights and head."""
         self.require_task(name)
         memo = {id(bank): bank for bank in self.banks.values()}  # read, never copied
+        memo[id(self.coefficient_table)] = self.coefficient_table
         net = copy.deepcopy(self.net, memo)
         names = [n for n, _ in self.task_modules()]
         for module_name in sorted(names, key=lambda n: n.count("."), reverse=True):

@@ -1,10 +1,15 @@
 """Per-task state inside a network: the base class, task heads and task BatchNorm.
 
 Every module that keeps something per task (generated layers keep coefficients, heads keep a
-classifier, BatchNorm may keep statistics, adapters keep their weights) is a ``TaskModule``. It holds
-one small sub-module per task in ``per_task`` and exactly one task is active. ``RecastModel`` adds,
-activates, saves and deletes tasks by walking these modules, so a new kind of per-task state only
-has to subclass ``TaskModule``.
+classifier, BatchNorm may keep statistics, adapters keep their weights) is a ``TaskModule``. By
+default it holds one small sub-module per task in ``per_task`` and exactly one task is active.
+``RecastModel`` adds, activates, saves and deletes tasks by walking these modules, so a new kind of
+per-task state only has to subclass ``TaskModule``.
+
+Modules that every task of a served model has (heads, generated layers) keep their state without a
+module per task: a module object costs ~2 KB of Python memory, more than a RECAST task's numbers.
+The head keeps plain weight and bias tensors per task (:class:`HeadTable`), and BatchNorm keeps
+nothing for tasks that use the pretrained statistics.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import skip_init
 
 from recast.errors import TaskError
 
@@ -104,9 +110,9 @@ class TaskModule(nn.Module):
 
     kind: str = "other"
 
-    def __init__(self) -> None:
+    def __init__(self, per_task: Any = None) -> None:
         super().__init__()
-        self.per_task = nn.ModuleDict()
+        self.per_task = nn.ModuleDict() if per_task is None else per_task  # task name -> its state
         self.active: str | None = None
         self.routing: Routing | None = None  # set while a mixed-task batch runs (see ``routed``)
 
@@ -155,13 +161,30 @@ class TaskModule(nn.Module):
         if self.active == name:
             self.active = None
 
+    def has_task(self, name: str) -> bool:
+        """Whether this module holds a state for task ``name``."""
+        return name in self.per_task
+
+    def parameters_of(self, name: str) -> list[Tensor]:
+        """Task ``name``'s trainable tensors here (for the optimiser's groups)."""
+        return list(self.per_task[name].parameters())
+
     def activate(self, name: str) -> None:
-        """Make ``name`` the active task: only its parameters require grad."""
-        if name not in self.per_task:
+        """Make ``name`` the active task: only its parameters require grad.
+
+        Only the previously active state and the new one change (a new state starts frozen), so
+        activating costs the same with 10 tasks or 10,000.
+        """
+        if not self.has_task(name):
             raise TaskError(f"{type(self).__name__} has no state for task {name!r}")
-        self.active = name
-        for task, state in self.per_task.items():
-            state.requires_grad_(task == name)
+        previous, self.active = self.active, name
+        if previous is not None and previous != name and self.has_task(previous):
+            self._set_trainable(previous, False)
+        self._set_trainable(name, True)
+
+    def _set_trainable(self, name: str, flag: bool) -> None:
+        for tensor in self.parameters_of(name):
+            tensor.requires_grad_(flag)
 
     def state(self) -> nn.Module:
         """The active task's state."""
@@ -182,43 +205,183 @@ class TaskModule(nn.Module):
         return sum(t.numel() for t in self.task_tensors(name).values() if t.is_floating_point())
 
 
+class TaskParameters(nn.Module):
+    """Parameters keyed by task name, registered so they move, save and train like any parameter.
+
+    Kept in the module's own parameter dict under the bare task name: every valid task name works
+    (a ``ParameterDict`` refuses names of its own methods, such as ``copy`` or ``keys``), and
+    ``named_parameters`` reads ``<prefix>.<task>``.
+    """
+
+    def __setitem__(self, name: str, value: nn.Parameter) -> None:
+        if not isinstance(value, nn.Parameter):
+            raise TypeError(f"task {name!r}: expected an nn.Parameter, got {type(value).__name__}")
+        self._parameters[name] = value
+
+    def __getitem__(self, name: str) -> nn.Parameter:
+        return self._parameters[name]
+
+    def __delitem__(self, name: str) -> None:
+        del self._parameters[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._parameters
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._parameters))
+
+    def __len__(self) -> int:
+        return len(self._parameters)
+
+    def keys(self) -> list[str]:
+        return list(self._parameters)
+
+    def values(self) -> list[nn.Parameter]:
+        return list(self._parameters.values())
+
+
+@dataclass
+class LinearHead:
+    """One task's classifier as its two tensors (a view into a :class:`HeadTable`, no module of its own)."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    @property
+    def out_features(self) -> int:
+        return int(self.weight.shape[0])
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        yield "weight", self.weight
+        if self.bias is not None:
+            yield "bias", self.bias
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        for _, tensor in self.named_parameters():
+            yield tensor
+
+
+class HeadTable(nn.Module):
+    """Every task's head: weights and biases keyed by task, plus any head that is not a ``Linear``.
+
+    Reads like a mapping from task name to :class:`LinearHead` (or the module itself for a head
+    adopted from a base model that is not a ``Linear``, e.g. ``Identity``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = TaskParameters()
+        self.bias = TaskParameters()
+        self.other = nn.ModuleDict()  # heads adopted from a base model that are not a Linear
+
+    def put(self, name: str, weight: Tensor, bias: Tensor | None) -> None:
+        """Store a linear head for task ``name`` (frozen until its task is activated)."""
+        self.weight[name] = nn.Parameter(weight.detach(), requires_grad=False)
+        if bias is not None:
+            self.bias[name] = nn.Parameter(bias.detach(), requires_grad=False)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.weight or name in self.other
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.weight.keys()
+        yield from self.other.keys()
+
+    def __len__(self) -> int:
+        return len(self.weight) + len(self.other)
+
+    def __getitem__(self, name: str) -> LinearHead | nn.Module:
+        if name in self.other:
+            return self.other[name]
+        if name not in self.weight:
+            raise KeyError(name)
+        return LinearHead(self.weight[name], self.bias[name] if name in self.bias else None)
+
+    def __delitem__(self, name: str) -> None:
+        for table in (self.weight, self.bias, self.other):
+            if name in table:
+                del table[name]
+
+    def keys(self) -> list[str]:
+        return list(self)
+
+
 class TaskHead(TaskModule):
-    """The classifier: a separate ``Linear(in_features, num_classes)`` per task."""
+    """The classifier: a ``Linear(in_features, num_classes)`` per task, kept as plain tensors."""
 
     kind = "head"
 
     def __init__(self, in_features: int) -> None:
-        super().__init__()
+        super().__init__(HeadTable())
         self.in_features = in_features
 
     def adopt(self, name: str, head: nn.Module) -> None:
         """Take an existing head (the base model's own) as the state of task ``name``."""
-        head.requires_grad_(False)
-        self.per_task[name] = head
+        if isinstance(head, nn.Linear):
+            self.per_task.put(name, head.weight, head.bias)
+        else:
+            head.requires_grad_(False)
+            self.per_task.other[name] = head
 
     def add_task(self, name: str, spec: TaskSpec) -> None:
         """A new head; copied from ``spec.init_from`` only when that head has the same size."""
-        source = self.per_task[spec.init_from] if spec.init_from is not None else None
-        if source is not None and self.num_classes(spec.init_from) == spec.num_classes:
-            super().add_task(name, spec)
-        else:
-            super().add_task(name, TaskSpec(spec.num_classes, spec.own_bn, None, spec.options))
-
-    def make_task_state(self, spec: TaskSpec) -> nn.Module:
-        ref = next(iter(self.per_task.values()), None)
-        device = next(ref.parameters()).device if ref is not None and any(True for _ in ref.parameters()) else None
-        head = nn.Linear(self.in_features, spec.num_classes, device=device)
+        source = spec.init_from
+        if source is not None and self.num_classes(source) == spec.num_classes:
+            if source in self.per_task.other:
+                self.per_task.other[name] = copy.deepcopy(self.per_task.other[source]).requires_grad_(False)
+                return
+            head = self.per_task[source]
+            self.per_task.put(name, head.weight.detach().clone(), None if head.bias is None else head.bias.detach().clone())
+            return
+        # A throw-away Linear gives the same random stream as before (its own init, then ours).
+        head = nn.Linear(self.in_features, spec.num_classes, device=self._device())
         nn.init.trunc_normal_(head.weight, std=0.02)
         nn.init.zeros_(head.bias)
-        return head
+        self.per_task.put(name, head.weight, head.bias)
+
+    def _device(self) -> torch.device | None:
+        tensor = next(iter(self.per_task.weight.values()), None)
+        if tensor is None:
+            tensor = next((p for m in self.per_task.other.values() for p in m.parameters()), None)
+        return None if tensor is None else tensor.device
 
     def num_classes(self, name: str) -> int:
         """Output size of task ``name``'s head."""
         head = self.per_task[name]
+        if isinstance(head, LinearHead):
+            return head.out_features
         return int(head.out_features) if isinstance(head, nn.Linear) else self.in_features
 
+    def parameters_of(self, name: str) -> list[Tensor]:
+        return list(self.per_task[name].parameters())
+
+    def task_tensors(self, name: str) -> dict[str, Tensor]:
+        head = self.per_task[name]
+        if not isinstance(head, LinearHead):
+            return super().task_tensors(name)
+        tensors = {"weight": head.weight.detach()}
+        if head.bias is not None:
+            tensors["bias"] = head.bias.detach()
+        return tensors
+
+    def load_task_tensors(self, name: str, tensors: dict[str, Tensor]) -> None:
+        head = self.per_task[name]
+        if not isinstance(head, LinearHead):
+            super().load_task_tensors(name, tensors)
+            return
+        own = self.task_tensors(name)
+        if set(tensors) != set(own) or any(tensors[k].shape != v.shape for k, v in own.items()):
+            raise TaskError(f"head of task {name!r} needs {sorted(own)} with shapes "
+                            f"{[tuple(v.shape) for v in own.values()]}")
+        with torch.no_grad():
+            for key, value in own.items():
+                value.copy_(tensors[key])
+
     def forward_task(self, x: Tensor, task: str) -> Tensor:  # (..., in_features) -> (..., num_classes)
-        return self.per_task[task](x)
+        head = self.per_task[task]
+        if isinstance(head, LinearHead):
+            return F.linear(x, head.weight, head.bias)
+        return head(x)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits; while routing, heads of different sizes are padded with -inf to the largest."""
@@ -235,8 +398,15 @@ class TaskHead(TaskModule):
         return out
 
     def to_plain(self, task: str) -> nn.Module:
-        plain = copy.deepcopy(self.per_task[task])
-        plain.requires_grad_(True)
+        head = self.per_task[task]
+        if not isinstance(head, LinearHead):
+            return copy.deepcopy(head).requires_grad_(True)
+        plain = skip_init(nn.Linear, self.in_features, head.out_features, bias=head.bias is not None,
+                          device=head.weight.device, dtype=head.weight.dtype)  # no init: no random numbers drawn
+        with torch.no_grad():
+            plain.weight.copy_(head.weight)
+            if head.bias is not None:
+                plain.bias.copy_(head.bias)
         return plain
 
 
@@ -245,20 +415,30 @@ class TaskBatchNorm(TaskModule):
 
     The affine weights stay the pretrained ones; a task with ``own_bn`` stores running mean and
     variance (and updates them while it trains), which fixes the reference release's hidden drift.
-    A wrapped timm ``BatchNormAct2d`` keeps its dropout and activation after the normalisation.
+    Every other task's entry is one shared empty module (a module each would cost kilobytes per
+    task and layer for nothing). A wrapped timm ``BatchNormAct2d`` keeps its dropout and activation
+    after the normalisation.
     """
 
     def __init__(self, bn: nn.BatchNorm1d | nn.BatchNorm2d) -> None:
         super().__init__()
         bn.requires_grad_(False)
         self.bn = bn.eval()
+        self.__dict__["no_state"] = nn.Module()  # the entry of every task on the pretrained statistics
 
     def make_task_state(self, spec: TaskSpec) -> nn.Module:
+        if not spec.own_bn:
+            return self.no_state
         state = nn.Module()
-        if spec.own_bn:
-            state.register_buffer("running_mean", self.bn.running_mean.detach().clone())
-            state.register_buffer("running_var", self.bn.running_var.detach().clone())
+        state.register_buffer("running_mean", self.bn.running_mean.detach().clone())
+        state.register_buffer("running_var", self.bn.running_var.detach().clone())
         return state
+
+    def add_task(self, name: str, spec: TaskSpec) -> None:
+        if spec.init_from is not None and self.per_task[spec.init_from] is self.no_state:
+            self.per_task[name] = self.no_state  # nothing to copy
+            return
+        super().add_task(name, spec)
 
     def _stats(self, task: str) -> tuple[Tensor, Tensor, bool]:
         state = self.per_task[task]

@@ -31,7 +31,7 @@ def make_model_dir(directory: Path) -> Path:
         model.add_task(name, len(classes), class_names=classes)
         for _, module in model.task_modules():
             with torch.no_grad():
-                for tensor in module.per_task[name].parameters():
+                for tensor in module.parameters_of(name):
                     tensor.add_(0.5 * torch.randn(tensor.shape, generator=generator))
     model.save_pretrained(directory)
     return directory

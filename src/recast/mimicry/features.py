@@ -205,7 +205,7 @@ def refine_with_data(
     blocks = generated_blocks(model)
     layers = [model.net.get_submodule(name) for plan in model.plans for name in plan.layers]
     templates = [bank.templates for bank in model.banks.values()]
-    coefficients = [layer.coefficients("base") for layer in layers]
+    coefficients = [model.coefficient_table.per_task["base"]]  # every layer's slice of task base
     generator = torch.Generator().manual_seed(seed)
     with _base_task_eval(model, base), _trainable(templates + coefficients):
 

@@ -236,6 +236,9 @@ class TaskParameters(nn.Module):
     def keys(self) -> list[str]:
         return list(self._parameters)
 
+    def get(self, name: str) -> nn.Parameter | None:
+        return self._parameters.get(name)
+
     def values(self) -> list[nn.Parameter]:
         return list(self._parameters.values())
 
@@ -295,7 +298,7 @@ class HeadTable(nn.Module):
             return self.other[name]
         if name not in self.weight:
             raise KeyError(name)
-        return LinearHead(self.weight[name], self.bias[name] if name in self.bias else None)
+        return LinearHead(self.weight[name], self.bias.get(name))
 
     def __delitem__(self, name: str) -> None:
         for table in (self.weight, self.bias, self.other):

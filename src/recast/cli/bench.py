@@ -11,7 +11,14 @@ from recast import bench
 from recast.bench.perf import PerfSetup, run_perf
 from recast.bench.report import write_report
 from recast.bench.tuning import DEFAULT_GRID, grid_points, parse_grid
+from recast.cli import edge, serve
+from recast.errors import ConfigError
 from recast.train import AUGMENTS
+
+ALIASES = {  # recast bench --serve / --edge: the same code and options as these commands
+    "serve": ("serve-bench", serve.BENCH_DESCRIPTION, serve.add_bench_arguments, argparse.ArgumentDefaultsHelpFormatter),
+    "edge": ("edge-bench", edge.BENCH_DESCRIPTION, edge.add_bench_arguments, argparse.HelpFormatter),
+}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -59,11 +66,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="with --perf: interleaved A/B pairs per ratio (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=PerfSetup.threads, metavar="N",
                         help="with --perf: torch threads of every measuring process (default: %(default)s)")
+    parser.add_argument("--serve", nargs=argparse.REMAINDER, metavar="OPTION",
+                        help="run the serving benchmark instead, exactly as 'recast serve-bench' with the options "
+                        "that follow (load test, memory per task, micro-benchmark; JSON under results/serve/); "
+                        "see 'recast bench --serve --help'")
+    parser.add_argument("--edge", nargs=argparse.REMAINDER, metavar="DIR OPTION",
+                        help="run the edge benchmark instead, exactly as 'recast edge-bench DIR' with the options "
+                        "that follow (ONNX Runtime latency, task switch, bytes, packed accuracy; JSON under "
+                        "results/edge/); see 'recast bench --edge --help'")
     parser.set_defaults(func=run)
+    parser.set_defaults(bench_defaults=vars(parser.parse_args([])))
 
 
 def run(args: argparse.Namespace) -> int:
-    """Dispatch to the perf figures, the report, the dry run or the suite."""
+    """Dispatch to the serving or edge benchmark, the perf figures, the report, the dry run or the suite."""
+    if args.serve is not None or args.edge is not None:
+        return run_alias(args)
     if args.perf:
         if args.repeats < 1 or args.threads < 1:
             print("recast: error: --repeats and --threads must be at least 1")
@@ -99,6 +117,24 @@ def run(args: argparse.Namespace) -> int:
                              grid=grid)
     print(f"wrote {report} and the plots beside it")
     return 0
+
+
+def run_alias(args: argparse.Namespace) -> int:
+    """``--serve`` / ``--edge``: parse what follows with that command's own options and run it."""
+    if args.serve is not None and args.edge is not None:
+        raise ConfigError("give --serve or --edge, not both")
+    name = "serve" if args.serve is not None else "edge"
+    defaults = args.bench_defaults or {}
+    ignored = sorted(k for k, v in vars(args).items() if k in defaults and k not in ALIASES and v != defaults[k])
+    if ignored:
+        options = ", ".join("--" + k.replace("_", "-") for k in ignored)
+        raise ConfigError(f"{options} cannot go with --{name}: put the options of the {name} benchmark after --{name}")
+    command, description, add_arguments, formatter = ALIASES[name]
+    parser = argparse.ArgumentParser(prog=f"recast bench --{name}", description=f"{description} (Same as 'recast "
+                                     f"{command}'.)", formatter_class=formatter)
+    add_arguments(parser)
+    chosen = parser.parse_args(getattr(args, name))
+    return int(chosen.func(chosen) or 0)
 
 
 def _format_perf(figures: dict) -> str:

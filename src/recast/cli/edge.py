@@ -70,14 +70,24 @@ def _register_export(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_cmd_export)
 
 
+BENCH_DESCRIPTION = (
+    "In one run on this CPU: latency of the task-generic ONNX graph, the plain exported graph and the PyTorch "
+    "eval forward (medians of interleaved repeats), the task switch in ONNX Runtime, graph and task file bytes, "
+    "and with --data each task's accuracy in fp32, fp16 and int8. With --sizes, also the bytes of a RECAST-Att "
+    "ViT-S 10-class task file against a PEFT LoRA r=8 adapter with its head."
+)
+
+
 def _register_bench(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "edge-bench", help="measure ONNX Runtime latency, task switch, bytes and packed accuracy",
-        description="In one run on this CPU: latency of the task-generic ONNX graph, the plain exported graph and "
-        "the PyTorch eval forward (medians of interleaved repeats), the task switch in ONNX Runtime, graph and "
-        "task file bytes, and with --data each task's accuracy in fp32, fp16 and int8. With --sizes, also "
-        "the bytes of a RECAST-Att ViT-S 10-class task file against a PEFT LoRA r=8 adapter with its head.",
+        "edge-bench", help="measure ONNX Runtime latency, task switch, bytes and packed accuracy (= bench --edge)",
+        description=BENCH_DESCRIPTION,
     )
+    add_bench_arguments(parser)
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``recast edge-bench`` (also ``recast bench --edge``)."""
     parser.add_argument("directory", metavar="DIR", help="the model directory")
     parser.add_argument("--tasks", nargs="+", help="tasks to measure (default: every task)")
     parser.add_argument("--data", nargs="+", default=[], metavar="TASK=SPEC", help="test data per task, e.g. mnist=builtin:mnist")
@@ -86,7 +96,7 @@ def _register_bench(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", type=int, help="threads for ONNX Runtime and PyTorch alike (default: every core)")
     parser.add_argument("--sizes", action="store_true", help="add the ViT-S task file vs LoRA byte comparison")
     parser.add_argument("--out", type=Path, help="JSON file (default: results/edge/<DIR name>.json)")
-    parser.set_defaults(func=_cmd_bench)
+    parser.set_defaults(func=run_bench)
 
 
 def _load(directory: str) -> Any:
@@ -130,7 +140,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
+def run_bench(args: argparse.Namespace) -> int:
+    """Run the edge benchmark with parsed ``edge-bench`` arguments."""
     model = _load(args.directory)
     datasets = _datasets(model, args.data)
     out = args.out or Path("results", "edge", f"{Path(args.directory).resolve().name}.json")

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
 
-from recast.serve.bench import run_all
+from recast.errors import ConfigError
+from recast.serve.bench import PARTS, run_all
 from recast.serve.engine import ServeOptions
 from recast.serve.server import run_server
 
@@ -36,7 +39,8 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-images", type=int, default=32, help="most images in one request")
     parser.add_argument("--reload-interval", type=float, default=0.5, help="seconds between checks for new tasks")
     parser.add_argument("--mode", default="mixed", choices=["mixed", "per-request"],
-                        help="mixed: one forward for requests of many tasks; per-request: set_task and a forward each")
+                        help="mixed: one forward for requests of many tasks; per-request: set_task and a forward per "
+                        "task of each micro-batch (no mixing)")
     parser.add_argument("--batching", default="auto", choices=["auto", "template", "group"],
                         help="how generated layers mix tasks in a batch (auto: per-layer cost model)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -54,34 +58,57 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _register_bench(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "serve-bench", help="load test of recast serve against set_task per request and PEFT LoRA",
-        description="Start servers on 127.0.0.1 for the shipped recast-vit32 with TASKS tasks (cloned from one task "
-        "with perturbed coefficients and heads: a speed test, not trained tasks) and drive them with an async "
-        "client at each concurrency, a uniform random task per request: RECAST mixed batching, RECAST with "
-        "set_task per request, PEFT LoRA r=8 with adapter_names mixed batches. Also resident memory with "
-        "10/100/1000 tasks and the ViT-S att micro-benchmark. JSON under --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+BENCH_DESCRIPTION = (
+    "Start servers on 127.0.0.1 for the shipped recast-vit32 with TASKS tasks (cloned from one task with perturbed "
+    "coefficients and heads: a speed test, not trained tasks) and drive them with an async client at each "
+    "concurrency, the same request sequence (a uniform random task each) for every server: RECAST mixed batching, "
+    "RECAST with set_task per task of each micro-batch, PEFT LoRA r=8 with adapter_names mixed batches (same "
+    "micro-batching options for all three). Also memory per task on ViT-S/16 (RECAST-Att, LoRA r=8 and heads alone, "
+    "10-class heads, each in a fresh process) at each --memory-tasks count, and the ViT-S att mixed-batch "
+    "micro-benchmark. One JSON file per part under --out; progress on stderr, a summary on stdout."
+)
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``recast serve-bench`` (also ``recast bench --serve``)."""
     parser.add_argument("--out", default="results/serve", help="folder of the JSON results")
     parser.add_argument("--tasks", type=int, default=100, help="tasks loaded in the load test")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64], help="concurrent clients")
     parser.add_argument("--requests", type=int, default=400, help="requests per concurrency level")
+    parser.add_argument("--limit", type=float, default=600.0, help="seconds one concurrency level may take "
+                        "(unanswered requests then count as failed)")
     parser.add_argument("--memory-tasks", type=int, nargs="+", default=[10, 100, 1000], help="task counts for memory")
     parser.add_argument("--micro-batch", type=int, default=32, help="batch of the ViT-S micro-benchmark")
     parser.add_argument("--micro-repeats", type=int, default=10, help="timed forwards per micro-benchmark case")
     parser.add_argument("--micro-size", type=int, default=224, help="image size of the micro-benchmark")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["load", "memory", "micro"], help="parts to leave out")
+    parser.add_argument("--skip", nargs="*", default=[], choices=list(PARTS), help="parts to leave out")
     parser.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(func=_cmd_bench)
+    parser.set_defaults(func=run_bench)
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
+def _register_bench(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve-bench", help="load test of recast serve against set_task per request and PEFT LoRA (= bench --serve)",
+        description=BENCH_DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_bench_arguments(parser)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run the serving benchmark with parsed ``serve-bench`` options."""
+    counts = (args.tasks, args.requests, args.micro_batch, args.micro_repeats, args.micro_size, *args.concurrency,
+              *args.memory_tasks)
+    if min(counts) < 1 or args.limit <= 0:
+        raise ConfigError("--tasks, --requests, --concurrency, --memory-tasks and the --micro-* options must be "
+                          "at least 1, and --limit above 0")
     summary = run_all(
         args.out, tasks=args.tasks, concurrency=args.concurrency, requests=args.requests,
         memory_tasks=args.memory_tasks, micro_batch=args.micro_batch, micro_repeats=args.micro_repeats,
-        micro_size=args.micro_size, skip=set(args.skip), seed=args.seed,
+        micro_size=args.micro_size, skip=set(args.skip), seed=args.seed, limit_s=args.limit, progress=_progress,
     )
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _progress(line: str) -> None:
+    print(f"[serve-bench {time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)

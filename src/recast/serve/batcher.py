@@ -3,7 +3,8 @@
 Every model access (forwards and task reloads) happens on a single thread, so the model is never
 changed while it runs. The first request of a batch waits at most ``max_wait_ms`` for others; a
 batch holds at most ``max_batch`` images (a larger request runs alone). In ``per-request`` mode
-each request is its own forward after ``set_task`` (the comparison baseline).
+(the comparison baseline) batches are gathered the same way, then run as one ``set_task`` and
+forward per task: requests of one task share a forward, tasks are never mixed.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ class Batcher:
         """``first`` plus whatever arrives within ``max_wait_ms`` while the batch has room."""
         jobs, size = [first], len(first.images)
         deadline = time.monotonic() + self.options.max_wait_ms / 1000
-        while self.options.mode == "mixed" and size < self.options.max_batch:
+        while size < self.options.max_batch:
             try:
                 job = self._queue.get_nowait()
             except asyncio.QueueEmpty:
@@ -118,7 +119,13 @@ class Batcher:
         jobs = [j for j in jobs if j.task in known]
         if not jobs:
             return
-        batches = [[j] for j in jobs] if self.options.mode == "per-request" else [jobs]
+        if self.options.mode == "per-request":  # one set_task and forward per task, in order of arrival
+            by_task: dict[str, list[Job]] = {}
+            for job in jobs:
+                by_task.setdefault(job.task, []).append(job)
+            batches = list(by_task.values())
+        else:
+            batches = [jobs]
         for batch in batches:
             try:
                 results = await self.run(self._forward, batch)

@@ -1,15 +1,18 @@
-"""The serving benchmark: load test, resident memory per task, and the mixed-batch micro-benchmark.
+"""The serving benchmark: load test, memory per task (:mod:`recast.serve.memory`), micro-benchmark.
 
 The load test builds the shipped ``recast-vit32`` with ``tasks`` tasks **cloned from one task with
 perturbed coefficients and heads** (and PEFT LoRA r=8 with as many perturbed adapters): they
-measure speed, not accuracy. Each server runs in its own process on 127.0.0.1 and is driven by
-:class:`recast.client.AsyncClient` at each concurrency with a uniform random task per request.
+measure speed, not accuracy. Each server runs in its own process on 127.0.0.1 only, with the same
+micro-batching options (``max_batch``, ``max_wait_ms``) and torch threads, and is driven by
+:class:`recast.client.AsyncClient` at each concurrency with the same sequence of (task, image)
+requests, a uniform random task each. The ``set_task`` server gathers micro-batches like the
+mixed one but runs one ``set_task`` and forward per task of each (no mixing). Every phase is
+bounded in time; a server is always stopped, also when a phase fails.
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import io
 import json
 import os
@@ -36,8 +39,11 @@ from recast.client import AsyncClient
 from recast.io import atomic_write_json
 from recast.methods import build_method
 from recast.serve.engine import mixed_forward
+from recast.serve.memory import memory_test
 
 SERVERS = (("recast-mixed", "recast", "mixed"), ("recast-set-task", "recast", "per-request"), ("lora-mixed", "lora", "mixed"))
+HOST = "127.0.0.1"  # the load test never listens on another interface
+MAX_BATCH, MAX_WAIT_MS = 64, 2.0  # the same micro-batching options for every server
 
 
 # ------------------------------------------------------------------------------------ models
@@ -74,7 +80,7 @@ def build_served_model(method: str, tasks: int, directory: Path, seed: int = 0) 
 # ---------------------------------------------------------------------------------- load test
 def _free_port() -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((HOST, 0))
         return sock.getsockname()[1]
 
 
@@ -85,42 +91,77 @@ def _image_bytes(seed: int) -> bytes:
     return buffer.getvalue()
 
 
-def start_server(directory: Path, mode: str, threads: int, max_batch: int = 64) -> tuple[subprocess.Popen, str]:
-    """``recast serve`` in a subprocess on a free 127.0.0.1 port; returns it and its URL once healthy."""
-    port = _free_port()
-    src = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
-    command = [sys.executable, "-m", "recast", "serve", str(directory), "--host", "127.0.0.1", "--port", str(port),
-               "--mode", mode, "--threads", str(threads), "--max-batch", str(max_batch), "--max-wait-ms", "2",
-               "--log-level", "warning"]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}: {process.stderr.read()[-2000:]}")
+class Server:
+    """``recast serve`` in a subprocess on a free 127.0.0.1 port, healthy on entry, stopped on exit.
+
+    Its log goes to a temporary file (a pipe nobody reads could fill and block the server); the
+    tail is in the error raised when it does not come up.
+    """
+
+    def __init__(self, directory: Path, mode: str, threads: int, startup_s: float = 300.0) -> None:
+        self.directory, self.mode, self.threads, self.startup_s = directory, mode, threads, startup_s
+        self.url = ""
+        self.process: subprocess.Popen | None = None
+        self.log = tempfile.TemporaryFile(mode="w+")
+
+    def __enter__(self) -> Server:
+        port = _free_port()
+        src = str(Path(__file__).resolve().parents[2])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
+        command = [sys.executable, "-m", "recast", "serve", str(self.directory), "--host", HOST, "--port", str(port),
+                   "--mode", self.mode, "--threads", str(self.threads), "--max-batch", str(MAX_BATCH),
+                   "--max-wait-ms", str(MAX_WAIT_MS), "--max-images", str(MAX_BATCH), "--log-level", "warning"]
+        self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT, text=True)
+        self.url = f"http://{HOST}:{port}"
         try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("server did not come up within 300 s")
+            self._wait_healthy()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.startup_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server ({self.mode}) exited with {self.process.returncode}: {self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        raise RuntimeError(f"server ({self.mode}) did not come up within {self.startup_s:.0f} s: {self.log_tail()}")
+
+    def log_tail(self) -> str:
+        self.log.seek(0)
+        return self.log.read()[-2000:]
+
+    def __exit__(self, *exc: object) -> None:
+        """SIGTERM, then wait for the graceful end (killed after 60 s)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
 
 
-def stop_server(process: subprocess.Popen) -> None:
-    """SIGTERM, then wait for the graceful end."""
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-
-
-async def drive(url: str, tasks: list[str], concurrency: int, requests: int, seed: int = 0) -> dict[str, Any]:
-    """``requests`` predict calls of one image each, ``concurrency`` at a time, uniform random tasks."""
+def request_plan(tasks: list[str], requests: int, seed: int = 0) -> list[tuple[str, bytes]]:
+    """The (task, PNG) sequence every server gets: uniform random tasks, 16 distinct images."""
     rng = random.Random(seed)
-    plan = [(rng.choice(tasks), _image_bytes(i % 16)) for i in range(requests)]
+    images = [_image_bytes(i) for i in range(16)]
+    return [(rng.choice(tasks), images[i % 16]) for i in range(requests)]
+
+
+async def drive(url: str, tasks: list[str], concurrency: int, requests: int, seed: int = 0,
+                limit_s: float = 600.0) -> dict[str, Any]:
+    """``requests`` predict calls of one image each, ``concurrency`` at a time, uniform random tasks.
+
+    Requests still unanswered after ``limit_s`` seconds are cancelled and counted as failed.
+    """
+    plan = request_plan(tasks, requests, seed)
     latencies: list[float] = []
     failures: list[str] = []
     cursor = iter(plan)
@@ -134,13 +175,17 @@ async def drive(url: str, tasks: list[str], concurrency: int, requests: int, see
             except Exception as exc:  # counted, reported: the load test never stops on a failed request
                 failures.append(f"{type(exc).__name__}: {exc}"[:200])
 
-    async with AsyncClient(url, timeout=120, max_connections=concurrency) as client:
+    async with AsyncClient(url, timeout=min(120.0, limit_s), max_connections=concurrency) as client:
         for task, image in plan[: min(8, requests)]:  # warm-up, not timed
             await client.predict(task, [("image.png", image)])
         started = time.perf_counter()
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        try:
+            await asyncio.wait_for(asyncio.gather(*(worker(client) for _ in range(concurrency))), timeout=limit_s)
+        except asyncio.TimeoutError:
+            failures.append(f"timed out after {limit_s:.0f} s")
         wall = time.perf_counter() - started
-    return {"concurrency": concurrency, "requests": requests, "completed": len(latencies), "failed": len(failures),
+    failed = requests - len(latencies)
+    return {"concurrency": concurrency, "requests": requests, "completed": len(latencies), "failed": failed,
             "failures": failures[:5], "seconds": wall, "throughput_rps": len(latencies) / wall if wall else 0.0,
             **_percentiles(latencies)}
 
@@ -154,74 +199,42 @@ def _percentiles(latencies: list[float]) -> dict[str, float | None]:
 
 
 def load_test(tasks: int = 100, concurrency: tuple[int, ...] = (1, 8, 64), requests: int = 400,
-              threads: int = 0, seed: int = 0) -> dict[str, Any]:
+              threads: int = 0, seed: int = 0, limit_s: float = 600.0, progress: Any = None) -> dict[str, Any]:
     """Each server of ``SERVERS`` under the same load; throughput and latency per concurrency."""
-    results: dict[str, Any] = {"tasks": tasks, "tasks_note": "cloned from one task with perturbed coefficients/heads",
-                               "servers": {}}
+    say = progress or (lambda _: None)
+    results: dict[str, Any] = {
+        "tasks": tasks, "tasks_note": "cloned from one task with perturbed coefficients/heads (a speed test)",
+        "backbone": "recast-vit32", "host": HOST, "max_batch": MAX_BATCH, "max_wait_ms": MAX_WAIT_MS,
+        "threads": threads or None, "requests_per_level": requests, "servers": {}}
     with tempfile.TemporaryDirectory(prefix="recast-serve-bench-") as tmp:
-        dirs = {m: build_served_model(m, tasks, Path(tmp) / m, seed) for m in {s[1] for s in SERVERS}}
+        dirs = {}
+        for method in dict.fromkeys(s[1] for s in SERVERS):
+            say(f"load: building recast-vit32 as {method} with {tasks} cloned tasks")
+            dirs[method] = build_served_model(method, tasks, Path(tmp) / method, seed)
         names = [f"clone{i:04d}" for i in range(tasks)]
         for label, method, mode in SERVERS:
-            process, url = start_server(dirs[method], mode, threads)
-            try:
-                runs = [asyncio.run(drive(url, names, c, requests, seed)) for c in concurrency]
-            finally:
-                stop_server(process)
+            say(f"load: starting {label} ({method}, mode {mode})")
+            runs = []
+            with Server(dirs[method], mode, threads) as server:
+                for level in concurrency:
+                    run = asyncio.run(drive(server.url, names, level, requests, seed, limit_s))
+                    runs.append(run)
+                    say(f"load: {label} concurrency {level}: {run['throughput_rps']:.1f} req/s, "
+                        f"p50 {_ms(run['p50_ms'])} p99 {_ms(run['p99_ms'])}, {run['failed']} failed")
             results["servers"][label] = {"method": method, "mode": mode, "runs": runs}
+    results["failed_total"] = sum(r["failed"] for v in results["servers"].values() for r in v["runs"])
     top = max(concurrency)
     rate = {k: next(r["throughput_rps"] for r in v["runs"] if r["concurrency"] == top) for k, v in results["servers"].items()}
     results["ratios_at_max_concurrency"] = {
+        "concurrency": top,
         "recast_mixed_over_set_task": rate["recast-mixed"] / rate["recast-set-task"] if rate["recast-set-task"] else None,
         "recast_mixed_over_lora_mixed": rate["recast-mixed"] / rate["lora-mixed"] if rate["lora-mixed"] else None,
     }
     return results
 
 
-# ------------------------------------------------------------------------------------- memory
-def resident_bytes() -> int:
-    """This process's resident memory now (Linux ``/proc``; elsewhere the peak from ``resource``)."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        import resource  # deferred: only where /proc is missing
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def memory_probe(method: str, tasks: int) -> dict[str, Any]:
-    """In this (fresh) process: RSS of ``recast-vit32`` as ``method`` before and after adding ``tasks`` tasks."""
-    model = build_method(method, load_backbone("recast-vit32"), **({"rank": 8} if method == "lora" else {}))
-    gc.collect()
-    before = resident_bytes()
-    clone_tasks(model, tasks)
-    gc.collect()
-    after = resident_bytes()
-    floats = sum(t.numel() for t in _task_parameters(model, "clone0000"))
-    head = sum(t.numel() for t in model.head.per_task["clone0000"].parameters())
-    return {"method": method, "tasks": tasks, "rss_before": before, "rss_after": after,
-            "rss_per_task": (after - before) / tasks, "tensor_bytes_per_task": 4 * floats,
-            "tensor_bytes_per_task_without_head": 4 * (floats - head)}
-
-
-def memory_test(counts: tuple[int, ...] = (10, 100, 1000)) -> dict[str, Any]:
-    """``memory_probe`` in a fresh process per method and count; bytes per additional task."""
-    src = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
-    probes = []
-    for method in ("recast", "lora"):
-        for count in counts:
-            code = f"import json; from recast.serve.bench import memory_probe; print(json.dumps(memory_probe({method!r}, {count})))"
-            out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-            probes.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    per_task = {}
-    for method in ("recast", "lora"):
-        rows = sorted((p for p in probes if p["method"] == method), key=lambda p: p["tasks"])
-        low, high = rows[0], rows[-1]
-        span = high["tasks"] - low["tasks"]
-        per_task[method] = (high["rss_after"] - high["rss_before"] - (low["rss_after"] - low["rss_before"])) / span if span else None
-    ratio = per_task["lora"] / per_task["recast"] if per_task["recast"] else None
-    return {"probes": probes, "rss_per_additional_task": per_task, "lora_over_recast": ratio}
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} ms"
 
 
 # --------------------------------------------------------------------------------------- micro
@@ -268,22 +281,30 @@ def micro_benchmark(batch: int = 32, repeats: int = 10, size: int = 224, seed: i
 
 
 # ----------------------------------------------------------------------------------------- all
+PARTS = ("micro", "memory", "load")
+
+
 def run_all(out: str | Path, *, tasks: int = 100, concurrency: list[int] | tuple[int, ...] = (1, 8, 64),
             requests: int = 400, memory_tasks: list[int] | tuple[int, ...] = (10, 100, 1000), micro_batch: int = 32,
-            micro_repeats: int = 10, micro_size: int = 224, skip: set[str] | None = None, seed: int = 0) -> dict[str, Any]:
-    """Every part not in ``skip`` (``load``, ``memory``, ``micro``); one JSON file each under ``out``."""
+            micro_repeats: int = 10, micro_size: int = 224, skip: set[str] | None = None, seed: int = 0,
+            limit_s: float = 600.0, progress: Any = None) -> dict[str, Any]:
+    """Every part not in ``skip`` (``micro``, ``memory``, ``load``); one JSON file each under ``out``."""
     out, skip = Path(out), skip or set()
+    say = progress or (lambda _: None)
     meta = {"cpu_count": os.cpu_count(), "torch": torch.__version__, "device": "cpu",
             "note": "the load test runs client and server on one machine; tasks are clones, not trained"}
     summary: dict[str, Any] = {}
     parts = {"micro": lambda: micro_benchmark(micro_batch, micro_repeats, micro_size, seed),
-             "memory": lambda: memory_test(tuple(memory_tasks)),
-             "load": lambda: load_test(tasks, tuple(concurrency), requests, seed=seed)}
-    for name, run in parts.items():
-        if name in skip:
-            continue
-        result = {**meta, **run()}
+             "memory": lambda: memory_test(tuple(memory_tasks), progress=say),
+             "load": lambda: load_test(tasks, tuple(concurrency), requests, seed=seed, limit_s=limit_s, progress=say)}
+    chosen = [name for name in PARTS if name not in skip]
+    say(f"serve-bench: parts {', '.join(chosen) or 'none'}; JSON under {out}")
+    for name in chosen:
+        started = time.perf_counter()
+        say(f"{name}: started")
+        result = {**meta, **parts[name]()}
         atomic_write_json(out / f"{name}.json", result)
-        summary[name] = {k: v for k, v in result.items() if k in ("ratios", "ratios_at_max_concurrency",
-                                                                   "rss_per_additional_task", "lora_over_recast")}
+        say(f"{name}: done in {time.perf_counter() - started:.0f} s, wrote {out / f'{name}.json'}")
+        summary[name] = {k: v for k, v in result.items() if k in ("ratios", "ratios_at_max_concurrency", "per_task",
+                                                                   "failed_total")}
     return summary

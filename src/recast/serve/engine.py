@@ -39,7 +39,8 @@ class ServeOptions:
         max_images: most images in one request.
         reload_interval_s: how often the directory's config is checked for committed tasks.
         mode: ``mixed`` (requests of all tasks in one ``forward_tasks`` call) or ``per-request``
-            (``set_task`` and a forward per request: the baseline the load test compares against).
+            (``set_task`` and a forward per task of each micro-batch, never mixing tasks: the
+            baseline the load test compares against).
         batching: how generated layers mix tasks (``auto``, ``template``, ``group``).
         threads: torch threads for the forwards (0: leave torch's default).
     """

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import os
 import random
 import signal
@@ -102,7 +101,7 @@ class Server:
         self.directory, self.mode, self.threads, self.startup_s = directory, mode, threads, startup_s
         self.url = ""
         self.process: subprocess.Popen | None = None
-        self.log = tempfile.TemporaryFile(mode="w+")
+        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed in __exit__)
 
     def __enter__(self) -> Server:
         port = _free_port()

@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 import timm
+import torch
 
 from recast.methods import build_method
 

@@ -30,17 +30,19 @@ def test_a_task_adds_three_tensors_and_no_module() -> None:
 
 
 @pytest.mark.skipif(_libc() is None, reason="needs glibc's mallinfo2 to count allocated bytes")
-def test_allocated_bytes_per_task_are_close_to_its_numbers() -> None:
+def test_resident_bytes_per_task_are_close_to_its_numbers() -> None:
     model = _vit_model()
     libc = _libc()
     for i in range(20):  # warm the allocator's small-object pools
         model.add_task(f"w{i}", 10)
-    before = settled_reading(libc)["allocated"]
+    before = settled_reading(libc)
     for i in range(300):
         model.add_task(f"t{i}", 10)
-    per_task = (settled_reading(libc)["allocated"] - before) / 300
+    after = settled_reading(libc)
+    resident, allocated = ((after[k] - before[k]) / 300 for k in ("rss", "allocated"))
     numbers = 4 * sum(model.task_parameters("t0").values())  # 16 coefficients + a 10 x 32 head
-    assert numbers <= per_task < numbers + 3000  # a module per task and layer alone was ~2.5 KB each
+    assert allocated >= numbers  # the tensors themselves
+    assert resident < numbers + 4000  # with a module per task and layer it was ~18 KB here
 
 
 def test_tasks_named_like_container_methods_train_save_and_load(tmp_path) -> None:

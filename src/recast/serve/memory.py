@@ -6,11 +6,12 @@ memory does not depend on their values) is rewritten as ``recast`` (target ``att
 one by one and the process is measured at each count. All three carry the same head per task, so
 ``linear`` measures what the heads alone cost and the difference is what the method adds.
 
-Two figures per count: resident memory (``/proc/self/statm``) and the bytes the C allocator has
-handed out (glibc ``mallinfo2``, where available). Before each reading, Python's garbage is
-collected and glibc returns free pages to the system (``malloc_trim``): otherwise memory freed
-while the model was built (the source network) is reused by the tasks without growing the
-resident set, and the per-task figure reads low.
+Two figures per count: resident memory (``/proc/self/statm``, the figure that counts) and the
+bytes the C allocator has handed out (glibc ``mallinfo2``, where available: tensors and larger
+Python objects, but not the small objects Python keeps in arenas it maps itself). Before each
+reading, Python's garbage is collected and glibc returns free pages to the system
+(``malloc_trim``): otherwise memory freed while the model was built (the source network) is
+reused by the tasks without growing the resident set, and the per-task figure reads low.
 """
 
 from __future__ import annotations

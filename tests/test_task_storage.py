@@ -99,6 +99,8 @@ def test_composed_weights_are_cached_for_a_few_tasks_only() -> None:
         exported = model.export("t3").eval()(x[3:4])
         model.set_task("t3")
         assert (model(x[3:4]) - exported).abs().max() < 1e-5
+    model.delete_task("t3")  # every layer forgets its weight, not only the first to empty the shared table
+    assert not any("t3" in layer._cache for layer in layers)
 
 
 def test_batchnorm_tasks_on_pretrained_statistics_share_one_empty_entry(tmp_path) -> None:
@@ -134,3 +136,20 @@ def test_per_task_memory_figures_subtract_the_heads() -> None:
     assert allocated["lora_over_recast_with_heads"] == pytest.approx(626 / 17)
     assert allocated["lora_over_recast_without_heads"] == pytest.approx(610.0)
     assert figures["rss"]["lora_over_recast_without_heads"] == pytest.approx(684 / 2)
+
+
+def test_training_through_more_frozen_tasks_than_the_cache_holds() -> None:
+    model = _vit_model()
+    names = [f"t{i}" for i in range(6)]
+    for name in names:
+        model.add_task(name, 3)
+    layers = [m for _, m in model.task_modules() if isinstance(m, GeneratedWeight)]
+    for layer in layers:
+        layer.cache_limit = 2
+    model.set_task("t0")
+    model.train()
+    out = model.forward_tasks(torch.randn(6, 3, 16, 16), names, batching="group")
+    out[torch.isfinite(out)].sum().backward()  # evicted weights were not overwritten under autograd
+    grad = model.coefficient_table.per_task["t0"].grad
+    assert grad is not None and grad.abs().sum() > 0
+    assert all(len(layer._cache) <= 2 for layer in layers)

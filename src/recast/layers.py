@@ -227,9 +227,15 @@ class GeneratedWeight(TaskModule):
         return cached[1]
 
     def _evict(self, keep: int) -> None:
-        """Drop the least recently used weights until ``keep`` remain (never the active task's)."""
+        """Drop the least recently used weights until ``keep`` remain (never the active task's).
+
+        Without autograd (serving, evaluation) a dropped weight's buffer is reused by the next one
+        composed; with autograd on, it may still be saved for a backward pass, so it is left alone.
+        """
         for task in [t for t in self._cache if t != self.active][: max(0, len(self._cache) - max(keep, 0))]:
-            self.__dict__["_spare"] = self._cache.pop(task)[1]  # its buffer is reused by the next weight
+            weight = self._cache.pop(task)[1]
+            if not torch.is_grad_enabled():
+                self.__dict__["_spare"] = weight
 
     def _take_spare(self, templates: Tensor) -> Tensor | None:
         """The buffer a deleted task's cached weight left behind, when it fits (else ``None``).

@@ -173,9 +173,9 @@ class RecastModel(TaskModel):
             module.activate(name)
 
     def _delete_state(self, name: str) -> None:
-        for _, module in self.task_modules():
-            if module.has_task(name):
-                module.delete_task(name)
+        holders = [module for _, module in self.task_modules() if module.has_task(name)]  # before any forgets:
+        for module in holders:  # generated layers share one table, so the first delete empties it for all
+            module.delete_task(name)
 
     def _state_counts(self, name: str) -> dict[str, int]:
         counts: dict[str, int] = {}

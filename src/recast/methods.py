@@ -88,6 +88,8 @@ def build_method(method: str, base: nn.Module, **options: Any) -> TaskModel:
             f"method {method!r} does not fit this {type(base).__name__} ({arch}); "
             f"methods that fit it: {', '.join(methods_for(base))}"
         )
+    if spec.adapter is not None:
+        options = {**ADAPTERS[spec.adapter].lrs, **options}  # the adapter's default rates; the user's win
     options, lrs = _split_lrs(options)
     if spec.baseline is not None:
         if spec.baseline == "lora" and "targets" not in options and arch == "effnet":

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from recast.adapters import attach
+from recast.adapters import attach, full_options, saved_options
 from recast.bank import TemplateBank, fingerprint
 from recast.config import RecastConfig
 from recast.errors import ConfigError, FileFormatError, RecastError, TaskError
@@ -137,7 +137,7 @@ class RecastModel(TaskModel):
             attach(self, kind, **options)
         finally:
             self._task_module_list = None  # the module tree changed
-        self.adapters.append({"kind": kind, "options": dict(options)})
+        self.adapters.append({"kind": kind, "options": full_options(kind, options)})  # defaults may change
 
     # ------------------------------------------------------------------------ per-task state hooks
     def task_modules(self) -> Iterator[tuple[str, TaskModule]]:
@@ -342,7 +342,7 @@ class RecastModel(TaskModel):
         """Re-apply the adapters the config lists; a bad entry is a file error naming the config."""
         for adapter in adapters:
             try:
-                self.add_adapter(adapter["kind"], **adapter.get("options", {}))
+                self.add_adapter(adapter["kind"], **saved_options(adapter["kind"], adapter.get("options", {})))
             except (RecastError, TypeError, ValueError, KeyError) as exc:
                 raise FileFormatError(f"{path}: cannot re-apply adapter {adapter.get('kind')!r} ({exc})") from None
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import timm
 import torch
@@ -9,9 +11,10 @@ import torch
 from helpers import narrow_resnet, tiny_resnet, tiny_vit
 from recast import RecastConfig, RecastModel
 from recast.adapters import adaptformer
-from recast.adapters.piggyback import REFERENCE_LRS, pack_bits, unpack_bits
+from recast.adapters.piggyback import pack_bits, unpack_bits
 from recast.errors import ConfigError
-from recast.methods import build_method
+from recast.format import ModelStore
+from recast.methods import build_method, load_method
 
 VIT_CASES = [("melo", "none"), ("melo", "mlp"), ("adaptformer", "none"), ("adaptformer", "att"), ("piggyback", "none")]
 RESNET_CASES = [("clr", "none"), ("clr", "conv"), ("piggyback", "conv")]
@@ -182,22 +185,45 @@ def test_adaptformer_option_errors() -> None:
         model.add_adapter("adaptformer", scale=float("nan"))
 
 
-def test_adaptformer_reference_options_through_the_method_registry(tmp_path) -> None:
-    model = build_method("adaptformer", tiny_vit(depth=2), **adaptformer.REFERENCE)
-    assert model.adapters == [{"kind": "adaptformer", "options": {"input": "pre_norm", "scale": 2.0}}]
-    assert model.method_options["input"] == "pre_norm"
+def test_adaptformer_defaults_are_the_reference_and_every_option_is_recorded(tmp_path) -> None:
+    model = build_method("adaptformer", tiny_vit(depth=2))
+    assert model.adapters == [{"kind": "adaptformer", "options": {"rank": 2, **adaptformer.REFERENCE}}]
     assert all(m.scale == 2.0 and m.norm is not None for m in model.net.modules()
                if isinstance(m, adaptformer.AdaptFormerMLP))
+    model.add_task("t", 3)
+    model.save_pretrained(tmp_path / "m")
+    loaded = load_method(tmp_path / "m")
+    assert loaded.adapters == model.adapters
+
+
+def test_adaptformer_files_without_recorded_options_load_with_the_former_defaults(tmp_path) -> None:
+    """Files written when post_norm and 0.1 were the defaults record neither: they must keep meaning that."""
+    model = build_method("adaptformer", tiny_vit(depth=2), input="post_norm", scale=0.1)
+    model.add_task("t", 3)
+    model.save_pretrained(tmp_path / "m")
+    config = ModelStore(tmp_path / "m").config_path
+    record = json.loads(config.read_text())
+    record["adapters"] = [{"kind": "adaptformer", "options": {}}]  # as files written before the change
+    config.write_text(json.dumps(record))
+    x = torch.randn(2, 3, 16, 16)
+    loaded = load_method(tmp_path / "m")
+    assert all(m.scale == 0.1 and m.norm is None for m in loaded.net.modules()
+               if isinstance(m, adaptformer.AdaptFormerMLP))
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x), loaded(x), atol=1e-6)
 
 
 def test_piggyback_reference_learning_rates(tmp_path) -> None:
-    model = build_method("recast+piggyback", narrow_resnet(), **REFERENCE_LRS)
-    model.add_task("t", 3)
-    model.set_task("t")
-    groups = {g["name"]: g for g in model.param_groups(2e-3)}
-    assert {k: groups[k]["lr"] for k in ("adapter", "coefficients", "head")} == {
-        "adapter": 1e-4, "coefficients": 5e-4, "head": 3e-2}
-    assert groups["adapter"]["weight_decay"] == 0.0
+    """The reference's rates are the defaults; rates given as options win."""
+    for options, expected in (({}, {"adapter": 1e-4, "coefficients": 5e-4, "head": 3e-2}),
+                              ({"head_lr": 1e-2}, {"adapter": 1e-4, "coefficients": 5e-4, "head": 1e-2})):
+        model = build_method("recast+piggyback", narrow_resnet(), **options)
+        model.add_task("t", 3)
+        model.set_task("t")
+        groups = {g["name"]: g for g in model.param_groups(2e-3)}
+        assert {k: groups[k]["lr"] for k in ("adapter", "coefficients", "head")} == expected
+        assert groups["adapter"]["weight_decay"] == 0.0
     model.save_pretrained(tmp_path)
     loaded = RecastModel.from_pretrained(tmp_path)
-    assert loaded.tasks["t"].meta["method_options"]["lrs"] == {"adapter": 1e-4, "coefficients": 5e-4, "head": 3e-2}
+    assert loaded.tasks["t"].meta["method_options"]["lrs"] == expected

@@ -20,8 +20,8 @@ if TYPE_CHECKING:
     from recast.model import RecastModel
 
 __all__ = [
-    "ADAPTERS", "AdapterEntry", "adaptformer", "architecture", "attach", "clr", "fitting", "melo", "options_of",
-    "piggyback", "register_adapter",
+    "ADAPTERS", "AdapterEntry", "adaptformer", "architecture", "attach", "clr", "fitting", "full_options", "melo", "options_of",
+    "piggyback", "register_adapter", "saved_options",
 ]
 
 ARCH_WORDS = {"vit": "a ViT", "resnet": "a ResNet", "effnet": "an EfficientNet", "other": "this architecture"}
@@ -35,6 +35,19 @@ def fitting(arch: str) -> list[str]:
 def options_of(kind: str) -> list[str]:
     """The option names adapter ``kind`` takes (its ``attach`` keyword arguments)."""
     return [p for p in inspect.signature(ADAPTERS[kind].attach).parameters if p != "model"]
+
+
+def full_options(kind: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with every option adapter ``kind`` takes filled in from its defaults (what a file records)."""
+    defaults = {name: p.default for name, p in inspect.signature(ADAPTERS[kind].attach).parameters.items()
+                if name != "model" and p.default is not inspect.Parameter.empty}
+    return {**defaults, **options}
+
+
+def saved_options(kind: str, recorded: dict[str, Any]) -> dict[str, Any]:
+    """The options a model file's adapter entry was written with (its omissions mean the old defaults)."""
+    entry = ADAPTERS.get(kind)
+    return {**(entry.unrecorded if entry else {}), **recorded}
 
 
 def attach(model: RecastModel, kind: str, **options: Any) -> None:

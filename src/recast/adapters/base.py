@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
@@ -37,20 +37,28 @@ class AdapterEntry:
     attach: Callable[..., None]
     fits: tuple[str, ...]
     recast_target: str
+    lrs: dict[str, float] = field(default_factory=dict)  # default learning-rate options (``mask_lr`` ...)
+    unrecorded: dict[str, Any] = field(default_factory=dict)  # what files that omit an option meant (old defaults)
 
 
 ADAPTERS: dict[str, AdapterEntry] = {}
 
 
-def register_adapter(name: str, *, fits: tuple[str, ...], recast_target: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+def register_adapter(
+    name: str, *, fits: tuple[str, ...], recast_target: str, lrs: dict[str, float] | None = None,
+    unrecorded: dict[str, Any] | None = None,
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Register an adapter's ``attach(model, **options)`` under ``name`` (as timm registers models).
 
     Its keyword arguments are the adapter's options; the method registry builds ``name`` and
-    ``recast+name`` from this entry.
+    ``recast+name`` from this entry. ``lrs`` are default learning-rate options of both methods
+    (``head_lr``, ``coef_lr``, ``adapter_lr``, ``mask_lr``); rates given by the user win.
+    ``unrecorded`` keeps a changed default loadable: the value a model file that does not record
+    the option was written with (new files record every option).
     """
 
     def decorate(attach: Callable[..., None]) -> Callable[..., None]:
-        ADAPTERS[name] = AdapterEntry(name, attach, tuple(fits), recast_target)
+        ADAPTERS[name] = AdapterEntry(name, attach, tuple(fits), recast_target, dict(lrs or {}), dict(unrecorded or {}))
         return attach
 
     return decorate

@@ -175,8 +175,8 @@ async def drive(url: str, tasks: list[str], concurrency: int, requests: int, see
                 failures.append(f"{type(exc).__name__}: {exc}"[:200])
 
     async with AsyncClient(url, timeout=min(120.0, limit_s), max_connections=concurrency) as client:
-        for task, image in plan[: min(8, requests)]:  # warm-up, not timed
-            await client.predict(task, [("image.png", image)])
+        warm = plan[: max(8, concurrency)]  # warm-up, not timed: opens the pool's connections, one round at this level
+        await asyncio.gather(*(client.predict(task, [("image.png", image)]) for task, image in warm))
         started = time.perf_counter()
         try:
             await asyncio.wait_for(asyncio.gather(*(worker(client) for _ in range(concurrency))), timeout=limit_s)
@@ -257,17 +257,17 @@ def micro_benchmark(batch: int = 32, repeats: int = 10, size: int = 224, seed: i
         "lora_one_adapter": (lora, [names["lora"][0]] * batch, "auto"),
         "lora_distinct_mixed": (lora, names["lora"], "auto"),
     }
-    timings = {}
+    times: dict[str, list[float]] = {label: [] for label in cases}
     with torch.no_grad():
-        for label, (model, tasks, batching) in cases.items():
+        for model, tasks, batching in cases.values():
             mixed_forward(model, x, tasks, batching)  # warm-up (and weight caches)
-            times = []
-            for _ in range(repeats):
+        for _ in range(repeats):  # interleaved rounds: a slow spell of the machine hits every case alike
+            for label, (model, tasks, batching) in cases.items():
                 started = time.perf_counter()
                 mixed_forward(model, x, tasks, batching)
-                times.append(time.perf_counter() - started)
-            median = statistics.median(times)
-            timings[label] = {"median_s": median, "images_per_s": batch / median}
+                times[label].append(time.perf_counter() - started)
+    timings = {label: {"median_s": statistics.median(ts), "images_per_s": batch / statistics.median(ts)}
+               for label, ts in times.items()}
     rate = {k: v["images_per_s"] for k, v in timings.items()}
     return {"model": "vit_small_patch16_224 (random weights)", "target": "att", "batch": batch, "size": size,
             "repeats": repeats, "threads": torch.get_num_threads(), "cases": timings, "ratios": {

@@ -100,7 +100,7 @@ def test_model_coefficient_gradients_equal_the_plain_compose_path(kind, monkeypa
     with monkeypatch.context() as patch:
         _plain_compose_path(patch)
         old, old_kept = _composed_weights_kept(model, images, labels)
-    assert new.keys() == old.keys() and any("coefficients" in name for name in new)
+    assert new.keys() == old.keys() and any("coefficient" in name for name in new)
     for name in new:
         torch.testing.assert_close(new[name], old[name], rtol=1e-5, atol=1e-6)
     assert old_kept > 0 and new_kept == 0  # composing then the plain layer kept every weight; now none

@@ -237,7 +237,8 @@ class EdgeRunner:
         return self._prepare(read_task(data, self.manifest, source))
 
     def _prepare(self, task: EdgeTask) -> EdgeTask:
-        """Fill ``task.feeds``: its arrays, or its head plus the weights the compose graph makes of them."""
+        """Fill ``task.feeds``: its arrays, or its head plus the weights the compose graph makes of them
+        (composing at load, those weights go into a session of the task's own instead)."""
         if self.composer is None:
             task.feeds = task.arrays
             return task
@@ -248,6 +249,9 @@ class EdgeRunner:
             task.feeds.update(zip(self.manifest["weight_inputs"], weights, strict=True))
             return task
         options = self._options()
+        if not hasattr(options, "add_external_initializers"):
+            raise EdgeError(f"onnxruntime {ort.__version__} cannot supply weights at load; upgrade it, or export "
+                            "with --compose at-switch")
         task.initializers = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(w)) for w in weights]
         options.add_external_initializers(list(constants), task.initializers)
         task.session = ort.InferenceSession(self.graph, options, providers=["CPUExecutionProvider"])

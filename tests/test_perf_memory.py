@@ -104,3 +104,17 @@ def test_model_coefficient_gradients_equal_the_plain_compose_path(kind, monkeypa
     for name in new:
         torch.testing.assert_close(new[name], old[name], rtol=1e-5, atol=1e-6)
     assert old_kept > 0 and new_kept == 0  # composing then the plain layer kept every weight; now none
+
+
+def test_generated_layers_train_under_autocast():
+    torch.manual_seed(0)
+    templates = torch.randn(2, 6, 4, 3, 3)
+    coefficients = torch.randn(2, 2, requires_grad=True)
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = generated_conv2d(x, templates, coefficients, None, (1, 1), (1, 1), (1, 1), 1)
+        out = generated_linear(out.flatten(1), torch.randn(2, 3, out[0].numel()), coefficients, None)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16
+    assert x.grad.dtype == torch.float32 and coefficients.grad.dtype == torch.float32
+    assert torch.isfinite(coefficients.grad).all() and coefficients.grad.abs().sum() > 0

@@ -59,7 +59,7 @@ def _bank_grads(
     The backward of :func:`compose` written out (same operations, same order): ``W = mix @ T``
     with ``mix`` the K-mean of the coefficients.
     """
-    flat_grad = weight_grad.reshape(1, -1)
+    flat_grad = weight_grad.reshape(1, -1).to(templates.dtype)
     templates_grad = coefficients_grad = None
     if ctx.needs_input_grad[1]:
         mix = coefficients.mean(dim=-2)
@@ -82,7 +82,8 @@ class _GeneratedLinear(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, templates, coefficients = ctx.saved_tensors
-        weight = compose(templates, coefficients)  # composed again: cheaper than keeping it
+        weight = compose(templates, coefficients).to(grad.dtype)  # composed again: cheaper than keeping it
+        x = x.to(grad.dtype)  # under autocast the forward ran in a lower precision
         grad_2d = grad.reshape(-1, grad.shape[-1])
         x_grad = bias_grad = None
         if ctx.needs_input_grad[0]:
@@ -113,7 +114,8 @@ class _GeneratedConv2d(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, templates, coefficients = ctx.saved_tensors
-        weight = compose(templates, coefficients)  # composed again: cheaper than keeping it
+        weight = compose(templates, coefficients).to(grad.dtype)  # composed again: cheaper than keeping it
+        x = x.to(grad.dtype)  # under autocast the forward ran in a lower precision
         stride, padding, dilation, groups = ctx.geometry
         needs_weight = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         mask = [ctx.needs_input_grad[0], needs_weight, ctx.has_bias and ctx.needs_input_grad[3]]

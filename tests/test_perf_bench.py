@@ -62,6 +62,9 @@ def test_perf_figures_on_a_tiny_vit():
     assert trainable["full"] > trainable["lora"] > trainable["linear"]
     memory = figures["setup"]["memory"]
     assert memory["recast-att"]["peak_rss_mb"] >= memory["recast-att"]["rss_before_training_mb"] > 0
+    for entry in memory.values():  # the training-only increment: final peak minus resident before training
+        assert entry["training_increment_mb"] == pytest.approx(entry["peak_rss_mb"] - entry["resident_before_training_mb"])
+        assert entry["resident_before_training_mb"] <= entry["peak_rss_mb"] + 1  # kernel counters are approximate
     assert figures["mimicry_svd_over_iterative"]["svd_weight_rel_error"] < 1e-5
     assert figures["switch_recast_over_peft"]["recast_task_file_bytes"] < figures["switch_recast_over_peft"]["peft_adapter_file_bytes"]
 

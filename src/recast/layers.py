@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from recast.bank import TemplateBank, compose
+from recast.bank import TemplateBank, compose, generated_conv2d, generated_linear, needs_grad
 from recast.errors import TaskError
 from recast.tasks import Routing, TaskModule, TaskParameters, TaskSpec
 
@@ -338,6 +338,9 @@ class GeneratedLinear(GeneratedWeight):
         self.out_features, self.in_features = bank.weight_shape
 
     def forward_task(self, x: Tensor, task: str) -> Tensor:  # (..., in) -> (..., out)
+        templates, coefficients = self.bank.templates, self.coefficients(task)
+        if needs_grad(templates, coefficients):  # training: backward composes again, keeps no weight
+            return generated_linear(x, templates, coefficients, self.bias)
         return F.linear(x, self.weight_for(task), self.bias)
 
     def batch_macs(self, x: Tensor) -> int:
@@ -370,6 +373,9 @@ class GeneratedConv2d(GeneratedWeight):
         self.padding, self.dilation, self.groups = conv.padding, conv.dilation, conv.groups
 
     def forward_task(self, x: Tensor, task: str) -> Tensor:  # (B, in, H, W) -> (B, out, H', W')
+        templates, coefficients = self.bank.templates, self.coefficients(task)
+        if needs_grad(templates, coefficients):  # training: backward composes again, keeps no weight
+            return generated_conv2d(x, templates, coefficients, self.bias, self.stride, self.padding, self.dilation, self.groups)
         return F.conv2d(x, self.weight_for(task), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def template_path_possible(self) -> bool:

@@ -80,18 +80,20 @@ def test_edge_bench_measures_everything_in_one_run(tmp_path):
     assert json.loads((tmp_path / "edge.json").read_text()) == json.loads(json.dumps(result))
     for batch in ("1", "2"):
         medians = result["latency"][batch]["median_s"]
-        assert set(medians) == {"onnx_compose_at_switch", "onnx_compose_per_call", "onnx_plain", "torch_eval"}
+        assert set(medians) == {"onnx_compose_at_switch", "onnx_compose_at_load", "onnx_compose_per_call", "onnx_plain",
+                                "torch_eval"}
         assert min(medians.values()) > 0
         ratio = result["latency"][batch]["onnx_compose_at_switch_over_plain"]
         assert ratio == medians["onnx_compose_at_switch"] / medians["onnx_plain"]
-    assert set(result["switch"]) == {"at-switch", "per-call"}
+    assert set(result["switch"]) == {"at-switch", "at-load", "per-call"}
     assert all(s["load_task_file_s"] > 0 for s in result["switch"].values())
     files = result["bytes"]["task_files"]["a"]
     assert files["int8"] < files["fp16"] < files["fp32"] < result["bytes"]["graph_plain"]
     assert set(result["accuracy"]["a"]) == {"fp32", "fp16", "int8"}
     table = markdown_table(result)
     assert f"{files['int8']:,} B, acc {result['accuracy']['a']['int8']['accuracy']:.4f}" in table
-    assert table.count("\n| ") >= 2 + 2 + 2  # two batch sizes, two compose modes, two tasks
+    assert table.count("\n| ") >= 2 + 3 + 2  # two batch sizes, three compose modes, two tasks
+    assert "ONNX, compose at load" in table
 
 
 def test_size_comparison_against_lora_with_its_head():

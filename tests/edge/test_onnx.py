@@ -26,7 +26,7 @@ def vit():
     return vit_model("att+mlp")
 
 
-@pytest.fixture(scope="module", params=["per-call", "at-switch"])
+@pytest.fixture(scope="module", params=["per-call", "at-switch", "at-load"])
 def exported(vit, tmp_path_factory, request):
     out = tmp_path_factory.mktemp(request.param)
     export_onnx(vit, out, compose=request.param)
@@ -59,8 +59,8 @@ def test_every_task_on_one_graph_equals_pytorch_at_two_batch_sizes(vit, exported
 
 def test_the_graph_is_valid_onnx_with_task_inputs_and_a_dynamic_batch(exported):
     manifest = json.loads((exported / "manifest.json").read_text())
-    graph = onnx.load(str(exported / manifest["graph"]))
-    onnx.checker.check_model(graph, full_check=True)
+    graph = onnx.load(str(exported / manifest["graph"]), load_external_data=False)  # at-load: weights come per task
+    onnx.checker.check_model(with_external_data_filled(graph), full_check=True)
     inputs = {i.name: i for i in graph.graph.input}
     assert inputs["images"].type.tensor_type.shape.dim[0].dim_param  # named, i.e. dynamic
     assert manifest["task_inputs"] == ["coefficients", "head.weight", "head.bias"]
@@ -72,10 +72,26 @@ def test_the_graph_is_valid_onnx_with_task_inputs_and_a_dynamic_batch(exported):
         compose = onnx.load(str(exported / manifest["compose_graph"]))
         onnx.checker.check_model(compose, full_check=True)
         assert [i.name for i in compose.graph.input] == ["coefficients"]
-        assert [o.name for o in compose.graph.output] == manifest["weight_inputs"]
+        weights = manifest["weight_inputs"] or manifest["weight_initializers"]
+        assert [o.name for o in compose.graph.output] == weights
         assert set(inputs) == {"images", "head.weight", "head.bias", *manifest["weight_inputs"]}
-        assert len(manifest["weight_inputs"]) == 12  # qkv, fc1, fc2 of 4 blocks
+        assert len(weights) == 12  # qkv, fc1, fc2 of 4 blocks
+        if manifest["compose"] == "at-load":  # the weights are constants of the graph, supplied per task
+            external = {i.name for i in graph.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL}
+            assert not manifest["weight_inputs"] and external == set(weights)
         assert set(manifest["files"]) == {"graph.onnx", "compose.onnx", *task_files(manifest)}
+
+
+def with_external_data_filled(graph: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose external initializers hold zeros (the checker wants their data at hand)."""
+    graph = onnx.ModelProto.FromString(graph.SerializeToString())
+    for tensor in graph.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            size = int(np.prod(tensor.dims)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.raw_data = bytes(size)
+    return graph
 
 
 def task_files(manifest) -> set[str]:
@@ -114,7 +130,7 @@ def test_shipped_backbones_and_a_conv_model_match_pytorch(tmp_path):
         model.add_task("a", 3)
         model.add_task("b", 6)
         perturb_tasks(model, scale=0.05).eval()
-        for mode in ("at-switch", "per-call"):
+        for mode in ("at-switch", "per-call", "at-load"):
             export_onnx(model, tmp_path / name / mode, compose=mode)
             diffs = check_export(model, tmp_path / name / mode, batch_sizes=(1, 3))
             assert set(diffs) == {"a", "b", "base"} and max(diffs.values()) < TOLERANCE, (name, mode, diffs)
@@ -198,3 +214,21 @@ def test_export_replaces_only_an_earlier_export(vit, tmp_path):
     export_onnx(vit, fresh, task="a")  # a plain export over the generic one drops its task files
     assert not (fresh / "tasks" / "b.safetensors").exists()
     assert EdgeRunner(fresh).manifest["kind"] == "plain"
+
+
+def test_composing_at_load_gives_each_task_its_own_session_and_switches_by_choosing_it(tmp_path):
+    model = RecastModel.from_base(load_backbone("recast-resnet32"), RecastConfig(target="conv"))
+    model.add_task("a", 3)
+    model.add_task("b", 6)
+    perturb_tasks(model, scale=0.05).eval()
+    export_onnx(model, tmp_path, compose="at-load")
+    runner = EdgeRunner(tmp_path, threads=1)
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    tasks = {name: runner.task(name) for name in ("a", "b")}
+    assert tasks["a"].session is not tasks["b"].session and "coefficients" not in tasks["a"].feeds
+    for _ in range(2):  # a, b, a, b on the one graph: switching back and forth changes nothing
+        for name, task in tasks.items():
+            expected = torch_logits(model, name, images)
+            assert float(np.abs(runner.run(images.numpy(), task) - expected).max()) < TOLERANCE
+    delivered = runner.load_task(packed_task_blob(model, "b", "fp32"))  # a task file delivered later
+    assert float(np.abs(runner.run(images[:1].numpy(), delivered) - torch_logits(model, "b", images[:1])).max()) < TOLERANCE

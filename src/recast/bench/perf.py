@@ -8,7 +8,8 @@ range and the number of pairs. Both sides' median absolute times are reported be
 Each training-step pair is timed in a fresh worker process (``python -m recast.bench.perf --pair
 A B``) that builds the two models and does nothing else; peak memory is measured in one more fresh
 process per method (``--memory METHOD``) so that one method's allocations cannot inflate another's
-peak. The torch thread count is fixed (``PerfSetup.threads``, set in every process) and recorded.
+peak (peak RSS over building the model and two training steps; beside it, the training-only
+increment: that peak minus the resident memory just before training). The torch thread count is fixed (``PerfSetup.threads``, set in every process) and recorded.
 The backbone is timm ``vit_small_patch16_224`` at 224 px by default (random weights: speed does not
 depend on their values) and the batch is the same for all.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -167,17 +169,32 @@ def pair_worker(a: str, b: str, setup: PerfSetup) -> dict[str, Any]:
     return {"a_times": a_times, "b_times": b_times, "trainable_params": trainable, "threads": torch.get_num_threads()}
 
 
+def current_rss_mb() -> float | None:
+    """This process's resident memory now, in MiB (Linux ``/proc``; ``None`` elsewhere)."""
+    try:
+        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def memory_worker(method: str, setup: PerfSetup) -> dict[str, Any]:
-    """Run in a fresh process: this process's peak RSS (MiB) over two training steps of ``method``."""
+    """Run in a fresh process: this process's peak RSS (MiB) over building ``method`` and two training steps.
+
+    Also recorded: the peak before training (building the model included) and the resident memory
+    just before training, whose difference to the final peak is the training-only increment.
+    """
     torch.set_num_threads(setup.threads)
     torch.manual_seed(0)
     model = build_for_training(method, setup)
-    before = peak_rss_mb()
+    before, resident = peak_rss_mb(), current_rss_mb()
     step = train_step(model, setup)
     for _ in range(2):  # the second step holds AdamW's state too
         step()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"peak_rss_mb": peak_rss_mb(), "rss_before_training_mb": before, "trainable_params": trainable}
+    peak = peak_rss_mb()
+    return {"peak_rss_mb": peak, "rss_before_training_mb": before, "resident_before_training_mb": resident,
+            "training_increment_mb": None if resident is None else peak - resident, "trainable_params": trainable}
 
 
 def _in_worker(args: list[str], setup: PerfSetup) -> dict[str, Any]:
@@ -297,6 +314,9 @@ def _all_figures(setup: PerfSetup, progress: bool, iterative_steps: int) -> dict
         memory[method] = run_memory(method, setup)
     for name, (a, b) in MEMORY_PAIRS.items():
         figures[name] = ratio(memory[a]["peak_rss_mb"], memory[b]["peak_rss_mb"], "MiB")
+        if memory[a]["training_increment_mb"] and memory[b]["training_increment_mb"]:
+            figures[name]["training_increment"] = ratio(
+                memory[a]["training_increment_mb"], memory[b]["training_increment_mb"], "MiB")
     say("task switch from a file, interleaved")
     figures.update(switch_figures(setup))
     say("evaluation forward, interleaved")

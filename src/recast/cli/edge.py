@@ -61,9 +61,11 @@ def _register_export(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--onnx", type=Path, required=True, metavar="OUT_DIR", help="the folder to write")
     parser.add_argument("--task", help="export only this task's plain graph")
     parser.add_argument("--dtype", choices=("fp32", "fp16", "int8"), default="fp32", help="task files' dtype (default: %(default)s)")
-    parser.add_argument("--compose", choices=("per-call", "at-switch"), default="per-call",
-                        help="compose the generated weights inside every call of the graph, or once per task load "
-                        "with a small compose.onnx (default: %(default)s; recast edge-bench measures both)")
+    parser.add_argument("--compose", choices=("per-call", "at-switch", "at-load"), default="per-call",
+                        help="compose the generated weights inside every call of the graph, once per task load "
+                        "with a small compose.onnx and feed them, or once per task load into a session of the task's "
+                        "own whose weights are constants (fastest for CNNs) (default: %(default)s; recast edge-bench "
+                        "measures all three)")
     parser.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="image size (default: the model's)")
     parser.add_argument("--check", action="store_true", help="compare ONNX Runtime logits with PyTorch's for every task")
     parser.add_argument("--json", action="store_true", help="print the manifest (and check) as JSON")

@@ -11,7 +11,10 @@ session. A task file (from the directory or delivered later, written by ``recast
 against the graph: format, backbone fingerprint, and the shape of every array the graph takes.
 Running a task is feeding its arrays; switching tasks is picking other arrays. When the export
 composes at switch (``compose.onnx`` in the manifest), loading a task also runs that small graph
-once to turn its coefficients into the generated weights, which are then fed like the head.
+once to turn its coefficients into the generated weights, which are then fed like the head. When it
+composes at load (``weight_initializers`` in the manifest), the graph file leaves those weights
+out and each task gets a session built with its own when it is loaded; switching between loaded
+tasks is then picking another session (and feeding its head).
 """
 
 from __future__ import annotations
@@ -43,7 +46,10 @@ class EdgeTask:
     """One task: its file's float32 arrays, what the graph is fed (``feeds``), and what it is.
 
     ``feeds`` equals ``arrays`` when the graph composes the weights itself; with a compose graph it
-    holds the head and the generated weights composed once when the task was loaded.
+    holds the head and the generated weights composed once when the task was loaded. ``session``
+    is the task's own session when the export composes at load (its weights are the graph's
+    external initializers; ``initializers`` keeps their buffers alive, as ONNX Runtime requires),
+    else ``None``.
     """
 
     name: str
@@ -53,6 +59,8 @@ class EdgeTask:
     dtype: str
     file_bytes: int
     feeds: dict[str, np.ndarray] = field(default_factory=dict)
+    session: Any = None
+    initializers: list[Any] = field(default_factory=list)
 
 
 def sha256_file(path: Path) -> str:
@@ -179,18 +187,25 @@ class EdgeRunner:
     def __init__(self, directory: str | Path, threads: int | None = None) -> None:
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
-        options = ort.SessionOptions()
-        if threads is not None:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        graph = (self.directory / self.manifest["graph"]).read_bytes()
-        self.session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        self.threads = threads
+        self.graph = (self.directory / self.manifest["graph"]).read_bytes()
+        self.session: ort.InferenceSession | None = None  # composing at load, each task has its own
+        if not self.manifest.get("weight_initializers"):
+            self.session = ort.InferenceSession(self.graph, self._options(), providers=["CPUExecutionProvider"])
         compose = self.manifest.get("compose_graph")
         self.composer = None
         if compose:
             data = (self.directory / compose).read_bytes()
-            self.composer = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+            self.composer = ort.InferenceSession(data, self._options(), providers=["CPUExecutionProvider"])
         self._tasks: dict[str, EdgeTask] = {}
+
+    def _options(self) -> ort.SessionOptions:
+        """Session options with this runner's thread count."""
+        options = ort.SessionOptions()
+        if self.threads is not None:
+            options.intra_op_num_threads = self.threads
+            options.inter_op_num_threads = 1
+        return options
 
     @property
     def task_generic(self) -> bool:
@@ -222,13 +237,24 @@ class EdgeRunner:
         return self._prepare(read_task(data, self.manifest, source))
 
     def _prepare(self, task: EdgeTask) -> EdgeTask:
-        """Fill ``task.feeds``: its arrays, or its head plus the weights the compose graph makes of them."""
+        """Fill ``task.feeds``: its arrays, or its head plus the weights the compose graph makes of them
+        (composing at load, those weights go into a session of the task's own instead)."""
         if self.composer is None:
             task.feeds = task.arrays
-        else:
-            weights = self.composer.run(None, {"coefficients": task.arrays["coefficients"]})
-            task.feeds = {k: v for k, v in task.arrays.items() if k != "coefficients"}
+            return task
+        weights = self.composer.run(None, {"coefficients": task.arrays["coefficients"]})
+        task.feeds = {k: v for k, v in task.arrays.items() if k != "coefficients"}
+        constants = self.manifest.get("weight_initializers") or []
+        if not constants:
             task.feeds.update(zip(self.manifest["weight_inputs"], weights, strict=True))
+            return task
+        options = self._options()
+        if not hasattr(options, "add_external_initializers"):
+            raise EdgeError(f"onnxruntime {ort.__version__} cannot supply weights at load; upgrade it, or export "
+                            "with --compose at-switch")
+        task.initializers = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(w)) for w in weights]
+        options.add_external_initializers(list(constants), task.initializers)
+        task.session = ort.InferenceSession(self.graph, options, providers=["CPUExecutionProvider"])
         return task
 
     def run(self, images: np.ndarray, task: EdgeTask | str | None = None) -> np.ndarray:
@@ -240,7 +266,9 @@ class EdgeRunner:
         if self.task_generic:
             if task is None:
                 raise EdgeError("name the task to run: this graph serves several")
-            feeds.update((task if isinstance(task, EdgeTask) else self.task(task)).feeds)
+            task = task if isinstance(task, EdgeTask) else self.task(task)
+            feeds.update(task.feeds)
+            return (task.session or self.session).run(None, feeds)[0]
         return self.session.run(None, feeds)[0]
 
     def preprocess(self, pixels: np.ndarray) -> np.ndarray:

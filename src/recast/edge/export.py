@@ -4,19 +4,27 @@ Layout of the directory (read on the device by :mod:`recast.edge.device`)::
 
     manifest.json              format, kind, fingerprint, graph inputs, tasks, sha256 of every file
     graph.onnx                 the graph (task-generic or plain)
-    compose.onnx               task-generic, composing at switch: coefficients -> generated weights
+    compose.onnx               task-generic, composing at switch or load: coefficients -> generated weights
     tasks/<name>.safetensors   task-generic only: each task's packed task file (see recast.edge.pack)
 
-The task-generic graph is exported with ``torch.onnx.export(dynamo=False)`` in one of two modes
+The task-generic graph is exported with ``torch.onnx.export(dynamo=False)`` in one of three modes
 (:mod:`recast.edge.graph`): ``per-call`` (the default), one graph with inputs ``images`` (dynamic
 batch), ``coefficients`` (the task file's packed vector), ``<head>.weight`` and ``<head>.bias``
-(dynamic number of classes) that composes the weights in every call; or ``at-switch``, where
+(dynamic number of classes) that composes the weights in every call; ``at-switch``, where
 ``compose.onnx`` turns the coefficients into the generated weights once when a task is loaded and
-``graph.onnx`` takes ``images``, the head and those weights (``weight.<layer>``). Either way the task
-file is the same and running a task is feeding arrays. Composing per call costs one small matrix
-product per bank and keeps a task switch at feeding a few hundred numbers; composing at switch can
-be faster for small models, whose per-call composition is a larger share of the work (the edge
-benchmark measures both). The plain graph is ``model.export(task)`` with one input ``images``.
+``graph.onnx`` takes ``images``, the head and those weights (``weight.<layer>``); or ``at-load``,
+where the generated weights are *initializers* of ``graph.onnx`` whose data is left out (external
+data that the device supplies): loading a task composes them and builds a session of its own with
+them (ONNX Runtime's ``SessionOptions.add_external_initializers``). Every mode ships the same task files,
+and no mode re-exports anything per task. Composing per call costs one small matrix product per
+bank and keeps a task switch at feeding a few hundred numbers. Weights that are graph inputs cost
+ONNX Runtime's CPU provider its weight pre-packing and, for convolutions, its blocked (NCHWc)
+kernels and the folding of BatchNorm and activations into them: on a small CNN that made the
+task-generic graph several times slower than the plain one. ``at-load`` keeps the weights constant,
+so its graph runs as fast as the plain graph; the price is a session per loaded task (building one
+took about 11 ms for the shipped ResNet32) and that session's copy of the weights, while switching
+between loaded tasks stays a choice of session. The edge benchmark measures all three. The plain
+graph is ``model.export(task)`` with one input ``images``.
 Every graph passes ``onnx.checker`` before it is written; the manifest is written last, so a directory whose manifest
 is complete has every file it lists.
 """
@@ -31,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+import onnx.external_data_helper
+import onnx.numpy_helper
 import torch
 from torch import nn
 
@@ -46,7 +56,8 @@ from recast.model import RecastModel
 
 GRAPH_FILE = "graph.onnx"
 COMPOSE_FILE = "compose.onnx"
-COMPOSE_MODES = ("per-call", "at-switch")
+COMPOSE_MODES = ("per-call", "at-switch", "at-load")
+TASK_WEIGHTS = "task-weights"  # external-data location of the generated weights composing at load: never a file
 LOGITS = "logits"
 OPSET = 17
 
@@ -59,7 +70,7 @@ def export_onnx(
 
     Without ``task``: the task-generic graph plus every task it can serve, packed as ``dtype``
     (tasks it cannot serve are listed under ``skipped`` with the reason). With ``task``: that task's
-    plain graph. ``compose`` is ``at-switch`` or ``per-call`` (see the module docstring). The
+    plain graph. ``compose`` is ``per-call``, ``at-switch`` or ``at-load`` (see the module docstring). The
     graph's image size is the model's data config's (``input_size`` overrides it, e.g. a CNN at
     another resolution); the batch size is free. ``model`` itself is not changed (the graphs are
     traced from copies, on the CPU). An existing ``out_dir`` is replaced only when it is an earlier
@@ -115,6 +126,8 @@ def _task_generic(
             GRAPH_FILE: onnx_bytes(PrecomposedGraph(graph), (args[0], *args[2:], *weights),
                                    [IMAGES, *task_inputs[1:], *graph.weight_names], dynamic, opset),
         }
+        if compose == "at-load":
+            files[GRAPH_FILE] = inputs_to_initializers(files[GRAPH_FILE], dict(zip(graph.weight_names, weights, strict=True)))
     records: dict[str, Any] = {}
     for name in tasks:
         file = f"tasks/{name}.safetensors"
@@ -124,8 +137,9 @@ def _task_generic(
     features = example[task_inputs[1]].shape[1]
     manifest = {
         "kind": "task-generic", "task_inputs": task_inputs, "tasks": records, "compose": compose,
-        "compose_graph": COMPOSE_FILE if compose == "at-switch" else None,
+        "compose_graph": COMPOSE_FILE if compose != "per-call" else None,
         "weight_inputs": graph.weight_names if compose == "at-switch" else [],
+        "weight_initializers": graph.weight_names if compose == "at-load" else [],
         "skipped": {k: v for k, v in servable.items() if v is not None},
         "inputs": {IMAGES: [None, *size], task_inputs[0]: [graph.coefficient_count],
                    task_inputs[1]: [None, features], task_inputs[2]: [None]},
@@ -164,6 +178,35 @@ def onnx_bytes(
     data = buffer.getvalue()
     onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
     return data
+
+
+def inputs_to_initializers(data: bytes, values: dict[str, torch.Tensor]) -> bytes:
+    """The ONNX model ``data`` with the graph inputs named in ``values`` turned into initializers
+    whose data is external (location :data:`TASK_WEIGHTS`, a file that is never written).
+
+    A device supplies each task's composed weights for them when it builds the task's session
+    (``SessionOptions.add_external_initializers``); ONNX Runtime then treats them as constants: it
+    pre-packs them and folds BatchNorm and activations into the convolutions. (Overriding ordinary
+    initializers with ``add_initializer`` does not work here: the graph optimiser folds the values
+    stored in the file.) ``values`` gives the shapes and types.
+    """
+    model = onnx.load_from_string(data)
+    kept = [i for i in model.graph.input if i.name not in values]
+    if len(kept) != len(model.graph.input) - len(values):
+        raise ValueError("every value must name a graph input")
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    tensors = [onnx.numpy_helper.from_array(value.detach().cpu().numpy(), name) for name, value in values.items()]
+    model.graph.initializer.extend(tensors)
+    onnx.checker.check_model(model, full_check=True)  # checked with the data in place (the checker looks for the file)
+    offset = 0
+    for tensor in model.graph.initializer[len(model.graph.initializer) - len(tensors):]:
+        length = len(tensor.raw_data)
+        onnx.external_data_helper.set_external_data(tensor, location=TASK_WEIGHTS, offset=offset, length=length)
+        tensor.ClearField("raw_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        offset += length
+    return model.SerializeToString()
 
 
 def _check_target(out_dir: Path) -> None:

@@ -14,7 +14,10 @@ Composing can also happen once per task switch instead of in every call: :class:
 (coefficients in, generated weights out) runs when a task is loaded and :class:`PrecomposedGraph`
 (the same network, fed those weights) runs per batch. Which is faster depends on the model: composing
 reads every template per call, while weights that arrive as inputs lose ONNX Runtime's ahead-of-time
-weight packing; the edge benchmark measures both.
+weight packing (and, for convolutions, its blocked kernels with BatchNorm and activations folded
+in). Exporting with ``compose="at-load"`` turns the weight inputs of :class:`PrecomposedGraph` into
+constants supplied per task (:mod:`recast.edge.export`), which keeps all of that; the edge benchmark
+measures every mode.
 """
 
 from __future__ import annotations

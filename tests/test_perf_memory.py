@@ -1,4 +1,4 @@
-"""Training without keeping composed weights: the same outputs and gradients as composing, less memory."""
+"""Training without keeping composed weights (``recompute_in_backward``): the same outputs and gradients, less memory."""
 
 import pytest
 import torch
@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from helpers import narrow_resnet, tiny_vit
 from recast import RecastConfig, RecastModel
 from recast.bank import compose, generated_conv2d, generated_linear
+from recast.layers import GeneratedWeight
 
 
 def _grads(output: torch.Tensor, inputs: list[torch.Tensor], seed: int = 1) -> list[torch.Tensor]:
@@ -63,12 +64,6 @@ def _coefficient_grads(model: RecastModel, images: torch.Tensor, labels: torch.T
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def _plain_compose_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Route training through composing the weight and the ordinary layer, as before."""
-    monkeypatch.setattr("recast.layers.generated_linear", lambda x, t, c, b: F.linear(x, compose(t, c), b))
-    monkeypatch.setattr("recast.layers.generated_conv2d", lambda x, t, c, b, *g: F.conv2d(x, compose(t, c), b, *g))
-
-
 def _composed_weights_kept(model: RecastModel, images: torch.Tensor, labels: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
     """Coefficient gradients of one step, and how many composed weights autograd kept for backward."""
     shapes = {tuple(b.templates.shape[1:]) for b in model.banks.values()}
@@ -86,7 +81,7 @@ def _composed_weights_kept(model: RecastModel, images: torch.Tensor, labels: tor
 
 
 @pytest.mark.parametrize("kind", ["vit", "resnet"])
-def test_model_coefficient_gradients_equal_the_plain_compose_path(kind, monkeypatch):
+def test_recompute_in_backward_gives_the_default_paths_gradients_and_keeps_no_weight(kind, monkeypatch):
     if kind == "vit":
         base, config, images = tiny_vit(depth=4), RecastConfig(target="att+mlp", groups=2), torch.randn(3, 3, 16, 16)
     else:
@@ -96,10 +91,10 @@ def test_model_coefficient_gradients_equal_the_plain_compose_path(kind, monkeypa
     model.set_task("t")
     model.train()
     labels = torch.tensor([0, 3, 1][: images.shape[0]])
-    new, new_kept = _composed_weights_kept(model, images, labels)
     with monkeypatch.context() as patch:
-        _plain_compose_path(patch)
-        old, old_kept = _composed_weights_kept(model, images, labels)
+        patch.setattr(GeneratedWeight, "recompute_in_backward", True)
+        new, new_kept = _composed_weights_kept(model, images, labels)
+    old, old_kept = _composed_weights_kept(model, images, labels)  # the default keeps the composed weights
     assert new.keys() == old.keys() and any("coefficient" in name for name in new)
     for name in new:
         torch.testing.assert_close(new[name], old[name], rtol=1e-5, atol=1e-6)

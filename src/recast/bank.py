@@ -70,6 +70,16 @@ def _bank_grads(
     return templates_grad, coefficients_grad
 
 
+def _recomposed(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The saved ``x``, templates and coefficients, and the weight composed again, in ``grad``'s precision.
+
+    Composing again is cheaper than keeping the weight; under autocast the forward ran in a lower
+    precision, so ``x`` and the weight are taken to the gradient's.
+    """
+    x, templates, coefficients = ctx.saved_tensors
+    return x.to(grad.dtype), templates, coefficients, compose(templates, coefficients).to(grad.dtype)
+
+
 class _GeneratedLinear(torch.autograd.Function):
     """``F.linear(x, compose(T, c), b)`` saving ``x`` and ``c``, not the composed weight."""
 
@@ -81,9 +91,7 @@ class _GeneratedLinear(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, templates, coefficients = ctx.saved_tensors
-        weight = compose(templates, coefficients).to(grad.dtype)  # composed again: cheaper than keeping it
-        x = x.to(grad.dtype)  # under autocast the forward ran in a lower precision
+        x, templates, coefficients, weight = _recomposed(ctx, grad)
         grad_2d = grad.reshape(-1, grad.shape[-1])
         x_grad = bias_grad = None
         if ctx.needs_input_grad[0]:
@@ -113,9 +121,7 @@ class _GeneratedConv2d(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, templates, coefficients = ctx.saved_tensors
-        weight = compose(templates, coefficients).to(grad.dtype)  # composed again: cheaper than keeping it
-        x = x.to(grad.dtype)  # under autocast the forward ran in a lower precision
+        x, templates, coefficients, weight = _recomposed(ctx, grad)
         stride, padding, dilation, groups = ctx.geometry
         needs_weight = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         mask = [ctx.needs_input_grad[0], needs_weight, ctx.has_bias and ctx.needs_input_grad[3]]

@@ -341,9 +341,10 @@ class GeneratedLinear(GeneratedWeight):
         self.out_features, self.in_features = bank.weight_shape
 
     def forward_task(self, x: Tensor, task: str) -> Tensor:  # (..., in) -> (..., out)
-        templates, coefficients = self.bank.templates, self.coefficients(task)
-        if self.recompute_in_backward and needs_grad(templates, coefficients):  # keeps no weight
-            return generated_linear(x, templates, coefficients, self.bias)
+        if self.recompute_in_backward:  # opt-in: training keeps no composed weight
+            templates, coefficients = self.bank.templates, self.coefficients(task)
+            if needs_grad(templates, coefficients):
+                return generated_linear(x, templates, coefficients, self.bias)
         return F.linear(x, self.weight_for(task), self.bias)
 
     def batch_macs(self, x: Tensor) -> int:
@@ -376,9 +377,11 @@ class GeneratedConv2d(GeneratedWeight):
         self.padding, self.dilation, self.groups = conv.padding, conv.dilation, conv.groups
 
     def forward_task(self, x: Tensor, task: str) -> Tensor:  # (B, in, H, W) -> (B, out, H', W')
-        templates, coefficients = self.bank.templates, self.coefficients(task)
-        if self.recompute_in_backward and needs_grad(templates, coefficients):  # keeps no weight
-            return generated_conv2d(x, templates, coefficients, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        if self.recompute_in_backward:  # opt-in: training keeps no composed weight
+            templates, coefficients = self.bank.templates, self.coefficients(task)
+            if needs_grad(templates, coefficients):
+                return generated_conv2d(x, templates, coefficients, self.bias, self.stride, self.padding, self.dilation,
+                                        self.groups)
         return F.conv2d(x, self.weight_for(task), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def template_path_possible(self) -> bool:

@@ -132,6 +132,9 @@ def test_tuning_grids_per_method():
     assert {tuple(p) for p in grid_points("full")} == {("backbone", "head")}
     both = grid_points("recast+clr", {"adapter": (1e-3,), "head": (1e-2,)})
     assert both == [{"adapter": 1e-3, "head": 1e-2, "coefficients": 1e-3}]
+    apart = grid_points("recast+piggyback", {"adapter": (1e-4,), "coefficients": (3e-2, 1e-2), "head": (1e-2,)})
+    assert apart == [{"adapter": 1e-4, "head": 1e-2, "coefficients": 3e-2},
+                     {"adapter": 1e-4, "head": 1e-2, "coefficients": 1e-2}]
     assert len(grid_points("recast")) == len(DEFAULT_GRID["coefficients"]) * len(DEFAULT_GRID["head"])
     assert parse_grid(["head=1e-3,1e-2"]) == {"head": (1e-3, 1e-2)}
 

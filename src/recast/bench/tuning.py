@@ -48,12 +48,15 @@ def tuned_kinds(method: str) -> tuple[str, ...]:
 def grid_points(method: str, grid: Mapping[str, Sequence[float]] | None = None) -> list[dict[str, float]]:
     """Every combination of the method's tuned learning rates, as ``{kind: lr}``.
 
-    With RECAST + an adapter, the coefficients share the adapter's rate.
+    With RECAST + an adapter, the coefficients share the adapter's rate unless ``grid`` names
+    ``coefficients``: then they are a kind of their own (an adapter such as Piggyback's masks may
+    want a rate a hundred times below the coefficients').
     """
+    own_coefficients = method_name(method).startswith("recast+") and "coefficients" in (grid or {})
     grid = {**DEFAULT_GRID, **(grid or {})}
-    kinds = tuned_kinds(method)
+    kinds = tuned_kinds(method) + (("coefficients",) if own_coefficients else ())
     points = [dict(zip(kinds, values, strict=True)) for values in itertools.product(*(grid[k] for k in kinds))]
-    if method_name(method).startswith("recast+"):
+    if method_name(method).startswith("recast+") and not own_coefficients:
         points = [{**p, "coefficients": p["adapter"]} for p in points]
     return points
 

@@ -56,7 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "backbone x head), then run every seed with them; grid, scores and choice go into the run files")
     parser.add_argument("--tune-grid", action="append", default=[], metavar="KIND=LR,LR",
                         help="replace the grid of one kind, repeatable: head, coefficients, adapter, backbone (defaults: "
-                        + "; ".join(f"{k} {','.join(f'{v:g}' for v in vs)}" for k, vs in DEFAULT_GRID.items()) + ")")
+                        + "; ".join(f"{k} {','.join(f'{v:g}' for v in vs)}" for k, vs in DEFAULT_GRID.items())
+                        + "); RECAST + an adapter ties its coefficients to the adapter's rate unless coefficients "
+                        "is given")
     parser.add_argument("--max-train-images", type=int, metavar="N",
                         help="train on a seeded random subset of at most N images per task (default: the suite's)")
     parser.add_argument("--epochs", type=int, metavar="N", help="epochs per task (default: the suite's)")

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import safetensors
@@ -83,8 +84,9 @@ def test_edge_bench_measures_everything_in_one_run(tmp_path):
         assert set(medians) == {"onnx_compose_at_switch", "onnx_compose_at_load", "onnx_compose_per_call", "onnx_plain",
                                 "torch_eval"}
         assert min(medians.values()) > 0
-        ratio = result["latency"][batch]["onnx_compose_at_switch_over_plain"]
-        assert ratio == medians["onnx_compose_at_switch"] / medians["onnx_plain"]
+        latency = result["latency"][batch]
+        low, high = latency["iqr"]["onnx_compose_at_switch_over_plain"]
+        assert 0 < low <= latency["onnx_compose_at_switch_over_plain"] <= high and latency["repeats"] == 2
     assert set(result["switch"]) == {"at-switch", "at-load", "per-call"}
     assert all(s["load_task_file_s"] > 0 for s in result["switch"].values())
     files = result["bytes"]["task_files"]["a"]
@@ -102,3 +104,22 @@ def test_size_comparison_against_lora_with_its_head():
     assert recast_bytes["int8"] < recast_bytes["fp16"] < recast_bytes["fp32"]
     assert sizes["lora_adapter_with_head_bytes"] > recast_bytes["fp32"]
     assert sizes["lora_over_recast_int8"] == sizes["lora_adapter_with_head_bytes"] / recast_bytes["int8"]
+
+
+def test_latency_samples_last_long_enough_and_ratios_are_paired():
+    from recast.edge.bench import _interleaved, _paired_ratios
+
+    counts = {"fast": 0, "slow": 0}
+
+    def call(name: str, seconds: float):
+        def run():
+            counts[name] += 1
+            time.sleep(seconds)
+        return run
+
+    times = _interleaved({"fast": call("fast", 0.001), "slow": call("slow", 0.004)}, repeats=3, min_sample_s=0.008)
+    assert counts["fast"] > counts["slow"] >= 2 + 3 * 2  # warm-up and calibration, then per round one untimed + a sample
+    assert all(len(v) == 3 for v in times.values()) and min(times["slow"]) > 0.0035
+    ratios = _paired_ratios(times, "fast")
+    assert set(ratios) == {"slow"} and ratios["slow"]["iqr"][0] <= ratios["slow"]["median"] <= ratios["slow"]["iqr"][1]
+    assert 2 < ratios["slow"]["median"] < 6

@@ -8,7 +8,9 @@ measures, on this CPU with the same thread count for every contestant:
   into a session of the task's own), the plain graph (all ONNX Runtime) and the PyTorch eval
   forward, per batch size, as medians. The ONNX Runtime graphs run interleaved (each in turn, so
   drifts in machine load hit all alike), each turn one untimed call then one timed call: the
-  untimed call wakes the session's threads, which the other sessions' calls left idle. PyTorch
+  untimed call wakes the session's threads, which the other sessions' calls left idle. A timed
+  sample repeats the call for at least 20 ms, and each ratio to the plain graph is the median of
+  the per-round ratios, with their interquartile range (``iqr``). PyTorch
   runs in a block of its own after them: its OpenMP threads keep spinning after a call and would
   slow whichever session ran next;
 - the task switch in ONNX Runtime, per compose mode: loading a delivered task file (parse, checks,
@@ -24,6 +26,7 @@ LoRA r=8 adapter (``get_peft_model_state_dict`` saved with safetensors) plus its
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import tempfile
@@ -45,6 +48,8 @@ from recast.edge.pack import packed_accuracy, packed_task_blob
 from recast.format.quantize import DTYPES
 from recast.io import atomic_write_json
 from recast.model import RecastModel
+
+MIN_SAMPLE_S = 0.02  # each timed sample of a latency lasts at least this long (see _interleaved)
 
 
 def edge_bench(
@@ -117,10 +122,13 @@ def _latency(
     }
     calls["onnx_plain"] = lambda: plain.run(images)
     times = _interleaved(calls, repeats)
-    times.update(_interleaved({"torch_eval": torch_forward}, repeats))
+    paired = _paired_ratios(times, "onnx_plain")
+    times.update(_interleaved({"torch_eval": torch_forward}, repeats))  # apart: ORT's spinning threads would slow torch
     medians = {name: statistics.median(values) for name, values in times.items()}
-    over_plain = {f"{name}_over_plain": value / medians["onnx_plain"] for name, value in medians.items() if name != "onnx_plain"}
-    return {"median_s": medians, **over_plain}
+    over_plain = {f"{name}_over_plain": ratio["median"] for name, ratio in paired.items()}
+    over_plain["torch_eval_over_plain"] = medians["torch_eval"] / medians["onnx_plain"]
+    spread = {f"{name}_over_plain": ratio["iqr"] for name, ratio in paired.items()}
+    return {"median_s": medians, **over_plain, "iqr": spread, "repeats": repeats}
 
 
 def _bound(runner: EdgeRunner, images: np.ndarray, task: Any) -> Callable[[], Any]:
@@ -128,19 +136,46 @@ def _bound(runner: EdgeRunner, images: np.ndarray, task: Any) -> Callable[[], An
     return lambda: runner.run(images, task)
 
 
-def _interleaved(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
-    """Seconds of each call over ``repeats`` rounds, after a warm-up; in each round every call has
-    its turn: one untimed call (waking its threads), then one timed."""
-    for call in calls.values():
-        call()
+def _interleaved(calls: dict[str, Callable[[], Any]], repeats: int, min_sample_s: float = MIN_SAMPLE_S) -> dict[str, list[float]]:
+    """Seconds per call of each call over ``repeats`` rounds, after a warm-up; in each round every call
+    has its turn: one untimed call (waking its threads), then one timed sample.
+
+    A sample repeats the call enough times to last about ``min_sample_s`` (counted once, from the
+    warm-up): a graph that runs in a millisecond is otherwise timed at the clock's and the
+    scheduler's resolution, and its ratios move by 20% between runs.
+    """
+    loops = {name: _loops_for(call, min_sample_s) for name, call in calls.items()}
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
         for name, call in calls.items():
             call()
             start = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - start)
+            for _ in range(loops[name]):
+                call()
+            times[name].append((time.perf_counter() - start) / loops[name])
     return times
+
+
+def _loops_for(call: Callable[[], Any], min_sample_s: float) -> int:
+    """How many calls make one timed sample of at least ``min_sample_s`` (after one warm-up call)."""
+    call()
+    start = time.perf_counter()
+    call()
+    once = time.perf_counter() - start
+    return max(1, math.ceil(min_sample_s / max(once, 1e-6)))
+
+
+def _paired_ratios(times: dict[str, list[float]], reference: str) -> dict[str, dict[str, float]]:
+    """Per contestant, the median and interquartile range of its per-round ratio to ``reference``
+    (the rounds are interleaved, so a slow moment of the machine hits both sides of a pair)."""
+    out = {}
+    for name, values in times.items():
+        if name == reference:
+            continue
+        ratios = sorted(a / b for a, b in zip(values, times[reference], strict=True))
+        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+        out[name] = {"median": statistics.median(ratios), "iqr": [q1, q3]}
+    return out
 
 
 def _switch(model: RecastModel, runner: EdgeRunner, repeats: int) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import torch
 
 from recast import ConfigError, RecastConfig, RecastModel
 from recast.adapters.base import architecture
+from recast.bench.suites import effnet_suite
 from recast.methods import build_method, load_method, methods_for
 from recast.surgery import plan_banks, pointwise_convs, role_of
 from tests.helpers import randomise_batchnorm, tiny_resnet, tiny_vit
@@ -111,3 +112,9 @@ def test_own_bn_method_option_keeps_statistics_per_task(lite0, tmp_path):
         build_method("recast", lite0, own_bn="yes")
     with pytest.raises(ConfigError, match="needs BatchNorm"):
         build_method("linear", tiny_vit(depth=2), own_bn=True)
+
+
+def test_effnet_suite_names_its_recast_variants():
+    (backbone,) = effnet_suite().backbones
+    assert {"recast", "recast:dw", "recast:bn"} <= set(backbone.methods)
+    assert backbone.options["recast:dw"] == {"depthwise": True} and backbone.options["recast:bn"] == {"own_bn": True}

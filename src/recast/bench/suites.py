@@ -93,10 +93,13 @@ def effnet_suite() -> Suite:
     """The six built-in tasks on EfficientNet-Lite0's ImageNet weights, sized for a 2-core CPU.
 
     96 px, at most 1,000 training images per task, 10 epochs. ``recast`` is the conv preset (76
-    coefficients per task); ``recast:bn`` adds per-task BatchNorm statistics (counted as "other").
+    coefficients per task); ``recast:dw`` also generates the depthwise convs (114 coefficients);
+    ``recast:bn`` adds per-task BatchNorm statistics (counted as "other").
     """
-    methods = ("recast", "recast:bn", "linear", "lora", "full", "clr", "recast+clr", "piggyback", "recast+piggyback")
-    backbone = BenchBackbone("effnet-lite0", "effnet-lite0", methods, {"recast:bn": {"own_bn": True}})
+    methods = ("recast", "recast:dw", "recast:bn", "linear", "lora", "full", "clr", "recast+clr", "piggyback",
+               "recast+piggyback")
+    options = {"recast:dw": {"depthwise": True}, "recast:bn": {"own_bn": True}}
+    backbone = BenchBackbone("effnet-lite0", "effnet-lite0", methods, options)
     train = {"epochs": 10, "step_size": 7, "batch_size": 64, "lr": 2e-3, "image_size": 96}
     return Suite("effnet", tuple(offline_entries()), (backbone,), train, max_train_images=1000)
 

@@ -64,17 +64,24 @@ class RecastModel(TaskModel):
     @classmethod
     def from_base(
         cls, base: nn.Module, config: RecastConfig | None = None, mimicry: str = "svd",
-        refine_images: Tensor | None = None, **options: Any
+        refine_images: Tensor | None = None, inplace: bool = False, **options: Any
     ) -> RecastModel:
-        """Rewrite a copy of ``base`` as banks fitted to its weights by Neural Mimicry.
+        """Rewrite a copy of ``base`` (or ``base`` itself) as banks fitted to its weights by Neural Mimicry.
 
         ``options`` go to the mimicry method (e.g. ``steps``, ``lr`` for ``iterative``). With
         ``refine_images`` (unlabelled ``(N, C, H, W)``), the fit is then refined to match the
         base's block outputs on them (useful with fewer templates than layers per group). The base
-        head becomes task ``base``, active on return; ``base`` itself is left untouched.
+        head becomes task ``base``, active on return. ``base`` itself is left untouched, unless
+        ``inplace``: then it becomes the model's network (as PEFT's ``get_peft_model`` does), which
+        spares a second copy of every pretrained weight while building (a ViT-S: 88 MB that a
+        process rarely gets back from the allocator once freed); do not use ``base`` afterwards.
         """
         config = config or RecastConfig()
-        net = copy.deepcopy(base)
+        if inplace and refine_images is not None:
+            raise ConfigError("refine_images compares against the untouched base: use inplace=False with it")
+        original_numel = _numel(base.state_dict(), exclude_prefix=find_head(base))
+        recipe = recipe_of(base)
+        net = base if inplace else copy.deepcopy(base)
         plans = plan_banks(net, config)
         problems = [
             FitProblem(
@@ -88,8 +95,7 @@ class RecastModel(TaskModel):
             report = {"method": mimicry, "seconds": seconds, "options": dict(options), **fidelity(problems, results)}
         else:  # target "none": nothing to fit
             results, report = [], {"method": "none", "seconds": 0.0}
-        original_numel = _numel(base.state_dict(), exclude_prefix=find_head(base))
-        model = cls._assemble(net, config, plans, [(r.templates, r.coefficients) for r in results], recipe_of(base))
+        model = cls._assemble(net, config, plans, [(r.templates, r.coefficients) for r in results], recipe)
         report["original_bytes"] = original_numel * 4
         report["backbone_bytes"] = _numel(model.backbone_tensors()) * 4
         model.mimicry_report = report

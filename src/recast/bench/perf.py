@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -30,14 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from recast.config import RecastConfig
 from recast.format import task_records
 from recast.model import RecastModel
 from recast.recipe import create_timm
-from recast.train import peak_rss_mb
 
 WORKER_METHODS = ("recast-att", "recast-mlp", "recast-att+mlp", "lora", "full", "linear")
 TRAIN_PAIRS = {  # figure name -> (A, B)
@@ -122,6 +121,9 @@ def interleaved(sides: Sequence[Callable[[], Any]], repeats: int, warmup: int) -
 
 def _lora(base: nn.Module, rank: int = 8) -> nn.Module:
     """PEFT LoRA on the fused qkv (r=8), with the head trainable as PEFT users do."""
+    # Deferred: PEFT (and the transformers it loads, ~70 MB resident) is the LoRA side's own cost,
+    # so a process measuring a RECAST model's peak memory must not carry it.
+    from peft import LoraConfig, get_peft_model
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["qkv"], modules_to_save=["head"])
     return get_peft_model(base, config)
 
@@ -130,7 +132,8 @@ def build_for_training(method: str, setup: PerfSetup) -> nn.Module:
     """The model whose training step ``method`` names, with only its own parameters trainable."""
     base = setup.base()
     if method.startswith("recast-"):
-        model = RecastModel.from_base(base, setup.recast_config(method.removeprefix("recast-"), base))
+        # In place, as PEFT's get_peft_model wraps the LoRA side's base: each side holds one copy.
+        model = RecastModel.from_base(base, setup.recast_config(method.removeprefix("recast-"), base), inplace=True)
         model.add_task("t", 10)
         model.set_task("t")
         return model
@@ -169,6 +172,16 @@ def pair_worker(a: str, b: str, setup: PerfSetup) -> dict[str, Any]:
     return {"a_times": a_times, "b_times": b_times, "trainable_params": trainable, "threads": torch.get_num_threads()}
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (Linux reports KiB, macOS bytes).
+
+    Read here rather than from ``recast.train``, whose import pulls in PEFT for its baselines
+    (about 70 MB resident that a RECAST model's process would otherwise carry).
+    """
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
 def current_rss_mb() -> float | None:
     """This process's resident memory now, in MiB (Linux ``/proc``; ``None`` elsewhere)."""
     try:
@@ -186,6 +199,7 @@ def memory_worker(method: str, setup: PerfSetup) -> dict[str, Any]:
     """
     torch.set_num_threads(setup.threads)
     torch.manual_seed(0)
+    imported = current_rss_mb()  # the libraries this process loaded, before any model exists
     model = build_for_training(method, setup)
     before, resident = peak_rss_mb(), current_rss_mb()
     step = train_step(model, setup)
@@ -193,7 +207,7 @@ def memory_worker(method: str, setup: PerfSetup) -> dict[str, Any]:
         step()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     peak = peak_rss_mb()
-    return {"peak_rss_mb": peak, "rss_before_training_mb": before, "resident_before_training_mb": resident,
+    return {"peak_rss_mb": peak, "rss_after_imports_mb": imported, "rss_before_training_mb": before, "resident_before_training_mb": resident,
             "training_increment_mb": None if resident is None else peak - resident, "trainable_params": trainable}
 
 

@@ -6,7 +6,7 @@ import torch
 from helpers import tiny_vit
 from recast import RecastConfig, RecastModel
 from recast.bank import TemplateBank, compose
-from recast.bench.perf import PerfSetup, interleaved, paired_ratio, run_pair, run_perf
+from recast.bench.perf import EVAL_ROUNDS_FACTOR, PerfSetup, eval_figures, interleaved, paired_ratio, run_pair, run_perf
 from recast.errors import FileFormatError
 
 TINY = {"img_size": 16, "patch_size": 8, "depth": 6, "embed_dim": 32, "num_heads": 2}
@@ -46,6 +46,16 @@ def test_pair_worker_process_times_both_methods_interleaved():
     assert figures["trainable_params"][0] == 6 * 2 + 10 * 32 + 10  # G=6: n=1 per bank, K=2
 
 
+def test_eval_worker_process_times_recast_export_and_base_interleaved():
+    setup = PerfSetup("vit_tiny_patch16_224", TINY, batch=2, repeats=2, warmup=0, threads=1)
+    figures = eval_figures(setup)
+    for name in ("eval_recast_over_base", "eval_export_over_base"):
+        entry = figures[name]
+        assert entry["repeats"] == EVAL_ROUNDS_FACTOR * setup.repeats
+        assert entry["a"] > 0 and entry["b"] > 0 and entry["iqr"][0] <= entry["ratio"] <= entry["iqr"][1]
+    assert figures["eval_recast_over_base"]["b"] == figures["eval_export_over_base"]["b"]  # one base, timed once per round
+
+
 def test_perf_figures_on_a_tiny_vit():
     setup = PerfSetup("vit_tiny_patch16_224", TINY, batch=2, repeats=2, warmup=0, threads=1, isolate=False)
     figures = run_perf(setup, progress=False, iterative_steps=3)
@@ -61,6 +71,7 @@ def test_perf_figures_on_a_tiny_vit():
     assert trainable["recast-att"] == 6 * 2 + 10 * 32 + 10
     assert trainable["full"] > trainable["lora"] > trainable["linear"]
     memory = figures["setup"]["memory"]
+    assert 0 < memory["recast-att"]["rss_after_imports_mb"] < memory["recast-att"]["peak_rss_mb"] + 1  # two clocks of RSS
     assert memory["recast-att"]["peak_rss_mb"] >= memory["recast-att"]["rss_before_training_mb"] > 0
     for entry in memory.values():  # the training-only increment: final peak minus resident before training
         assert entry["training_increment_mb"] == pytest.approx(entry["peak_rss_mb"] - entry["resident_before_training_mb"])

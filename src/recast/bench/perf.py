@@ -9,7 +9,8 @@ Each training-step pair is timed in a fresh worker process (``python -m recast.b
 A B``) that builds the two models and does nothing else; peak memory is measured in one more fresh
 process per method (``--memory METHOD``) so that one method's allocations cannot inflate another's
 peak (peak RSS over building the model and two training steps; beside it, the training-only
-increment: that peak minus the resident memory just before training). The torch thread count is fixed (``PerfSetup.threads``, set in every process) and recorded.
+increment: that peak minus the resident memory just before training), and the evaluation forwards
+in another (``--eval``), several forwards per timed sample. The torch thread count is fixed (``PerfSetup.threads``, set in every process) and recorded.
 The backbone is timm ``vit_small_patch16_224`` at 224 px by default (random weights: speed does not
 depend on their values) and the batch is the same for all.
 """
@@ -17,6 +18,7 @@ depend on their values) and the batch is the same for all.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -45,6 +47,7 @@ TRAIN_PAIRS = {  # figure name -> (A, B)
     "train_step_recast_att_over_linear": ("recast-att", "linear"),
     "train_step_recast_mlp_over_full": ("recast-mlp", "full"),
 }
+EVAL_ROUNDS_FACTOR = 2  # evaluation rounds per setup repeat (a ViT-S forward of batch 8 is ~1 s on one core)
 MEMORY_PAIRS = {
     "peak_mem_recast_over_lora": ("recast-att", "lora"),
     "peak_mem_recast_attmlp_over_full": ("recast-att+mlp", "full"),
@@ -61,7 +64,7 @@ class PerfSetup:
     repeats: int = 10  # interleaved A/B pairs per ratio (the cheap switch figure uses 4x as many)
     warmup: int = 2  # untimed calls of each side first
     threads: int = 1  # torch.set_num_threads in every measuring process: one core is the stable choice
-    isolate: bool = True  # fresh processes for training steps and peak memory (off: quick runs and tests)
+    isolate: bool = True  # fresh processes for training steps, peak memory and eval (off: quick runs and tests)
 
     @property
     def image_size(self) -> int:
@@ -110,12 +113,19 @@ def interleaved(sides: Sequence[Callable[[], Any]], repeats: int, warmup: int) -
         for side in sides:
             side()
     times: list[list[float]] = [[] for _ in sides]
-    for round_ in range(repeats):
-        order = range(len(sides)) if round_ % 2 == 0 else reversed(range(len(sides)))
-        for index in order:
-            start = time.perf_counter()
-            sides[index]()
-            times[index].append(time.perf_counter() - start)
+    gc.collect()  # a collection inside a timed call would land on whichever side allocated last
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for round_ in range(repeats):
+            order = range(len(sides)) if round_ % 2 == 0 else reversed(range(len(sides)))
+            for index in order:
+                start = time.perf_counter()
+                sides[index]()
+                times[index].append(time.perf_counter() - start)
+    finally:
+        if was_enabled:
+            gc.enable()
     return times
 
 
@@ -271,17 +281,31 @@ def switch_figures(setup: PerfSetup) -> dict[str, Any]:
     return {"switch_recast_over_peft": {**paired_ratio(recast_s, peft_s), **sizes}}
 
 
-def eval_figures(setup: PerfSetup) -> dict[str, Any]:
-    """Evaluation forward (no grad) of a RECAST model and of its export, against the plain base."""
-    base = setup.base()
+def eval_worker(setup: PerfSetup) -> dict[str, Any]:
+    """Run in a fresh process: evaluation forwards (no grad) of a RECAST-Att+MLP model, of its export
+    and of the plain base, interleaved, on one input tensor.
+
+    Measured in the main process after the other figures, with the base left in training mode and
+    one round per repeat, the ratio moved by 10% between runs; here every side is in eval mode, the
+    process holds nothing else, and there are ``EVAL_ROUNDS_FACTOR`` times the setup's repeats.
+    """
+    torch.set_num_threads(setup.threads)
+    torch.manual_seed(0)
+    base = setup.base().eval()
     model = RecastModel.from_base(base, setup.recast_config("att+mlp", base)).eval()
     plain = model.export("base").eval()
     images = setup.images()
     with torch.no_grad():
-        base_s, recast_s, export_s = interleaved([lambda n=net: n(images) for net in (base, model, plain)],
-                                                 setup.repeats, setup.warmup)
-    return {"eval_recast_over_base": paired_ratio(recast_s, base_s),
-            "eval_export_over_base": paired_ratio(export_s, base_s)}
+        sides = [lambda n=net: n(images) for net in (base, model, plain)]
+        base_s, recast_s, export_s = interleaved(sides, EVAL_ROUNDS_FACTOR * setup.repeats, setup.warmup + 1)
+    return {"base_s": base_s, "recast_s": recast_s, "export_s": export_s}
+
+
+def eval_figures(setup: PerfSetup) -> dict[str, Any]:
+    """Evaluation forward of a RECAST model and of its export against the plain base (fresh process when isolating)."""
+    times = _in_worker(["--eval"], setup) if setup.isolate else eval_worker(setup)
+    return {"eval_recast_over_base": paired_ratio(times["recast_s"], times["base_s"]),
+            "eval_export_over_base": paired_ratio(times["export_s"], times["base_s"])}
 
 
 def mimicry_figures(setup: PerfSetup, iterative_steps: int = 1000) -> dict[str, Any]:
@@ -345,15 +369,19 @@ def _all_figures(setup: PerfSetup, progress: bool, iterative_steps: int) -> dict
 
 
 def main() -> None:
-    """Worker entry point (``python -m recast.bench.perf --pair A B`` or ``--memory METHOD``)."""
+    """Worker entry point (``python -m recast.bench.perf --pair A B``, ``--memory METHOD`` or ``--eval``)."""
     parser = argparse.ArgumentParser(description="one measurement of recast bench --perf, in a fresh process")
     task = parser.add_mutually_exclusive_group(required=True)
     task.add_argument("--pair", nargs=2, choices=WORKER_METHODS, metavar="METHOD", help="interleaved step times of A and B")
     task.add_argument("--memory", choices=WORKER_METHODS, help="peak memory of one method's training")
+    task.add_argument("--eval", action="store_true", help="interleaved evaluation forwards of RECAST, export and base")
     parser.add_argument("--setup", default="{}", help="PerfSetup fields as JSON")
     args = parser.parse_args()
     setup = PerfSetup(**json.loads(args.setup))
-    figures = pair_worker(*args.pair, setup) if args.pair else memory_worker(args.memory, setup)
+    if args.eval:
+        figures = eval_worker(setup)
+    else:
+        figures = pair_worker(*args.pair, setup) if args.pair else memory_worker(args.memory, setup)
     print(json.dumps(figures))
 
 

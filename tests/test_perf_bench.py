@@ -6,7 +6,16 @@ import torch
 from helpers import tiny_vit
 from recast import RecastConfig, RecastModel
 from recast.bank import TemplateBank, compose
-from recast.bench.perf import EVAL_ROUNDS_FACTOR, PerfSetup, eval_figures, interleaved, paired_ratio, run_pair, run_perf
+from recast.bench.perf import (
+    EVAL_PROCESSES,
+    EVAL_ROUNDS_FACTOR,
+    PerfSetup,
+    eval_figures,
+    interleaved,
+    paired_ratio,
+    run_pair,
+    run_perf,
+)
 from recast.errors import FileFormatError
 
 TINY = {"img_size": 16, "patch_size": 8, "depth": 6, "embed_dim": 32, "num_heads": 2}
@@ -51,7 +60,8 @@ def test_eval_worker_process_times_recast_export_and_base_interleaved():
     figures = eval_figures(setup)
     for name in ("eval_recast_over_base", "eval_export_over_base"):
         entry = figures[name]
-        assert entry["repeats"] == EVAL_ROUNDS_FACTOR * setup.repeats
+        per_process = -(-EVAL_ROUNDS_FACTOR * setup.repeats // EVAL_PROCESSES)
+        assert entry["processes"] == EVAL_PROCESSES and entry["repeats"] == EVAL_PROCESSES * per_process
         assert entry["a"] > 0 and entry["b"] > 0 and entry["iqr"][0] <= entry["ratio"] <= entry["iqr"][1]
     assert figures["eval_recast_over_base"]["b"] == figures["eval_export_over_base"]["b"]  # one base, timed once per round
 

@@ -10,7 +10,7 @@ A B``) that builds the two models and does nothing else; peak memory is measured
 process per method (``--memory METHOD``) so that one method's allocations cannot inflate another's
 peak (peak RSS over building the model and two training steps; beside it, the training-only
 increment: that peak minus the resident memory just before training), and the evaluation forwards
-in another (``--eval``), several forwards per timed sample. The torch thread count is fixed (``PerfSetup.threads``, set in every process) and recorded.
+in three more (``--eval ROUNDS``), whose pairs are pooled. The torch thread count is fixed (``PerfSetup.threads``, set in every process) and recorded.
 The backbone is timm ``vit_small_patch16_224`` at 224 px by default (random weights: speed does not
 depend on their values) and the batch is the same for all.
 """
@@ -48,6 +48,7 @@ TRAIN_PAIRS = {  # figure name -> (A, B)
     "train_step_recast_mlp_over_full": ("recast-mlp", "full"),
 }
 EVAL_ROUNDS_FACTOR = 2  # evaluation rounds per setup repeat (a ViT-S forward of batch 8 is ~1 s on one core)
+EVAL_PROCESSES = 3  # fresh processes the evaluation rounds are split over
 MEMORY_PAIRS = {
     "peak_mem_recast_over_lora": ("recast-att", "lora"),
     "peak_mem_recast_attmlp_over_full": ("recast-att+mlp", "full"),
@@ -281,14 +282,9 @@ def switch_figures(setup: PerfSetup) -> dict[str, Any]:
     return {"switch_recast_over_peft": {**paired_ratio(recast_s, peft_s), **sizes}}
 
 
-def eval_worker(setup: PerfSetup) -> dict[str, Any]:
-    """Run in a fresh process: evaluation forwards (no grad) of a RECAST-Att+MLP model, of its export
-    and of the plain base, interleaved, on one input tensor.
-
-    Measured in the main process after the other figures, with the base left in training mode and
-    one round per repeat, the ratio moved by 10% between runs; here every side is in eval mode, the
-    process holds nothing else, and there are ``EVAL_ROUNDS_FACTOR`` times the setup's repeats.
-    """
+def eval_worker(setup: PerfSetup, rounds: int) -> dict[str, Any]:
+    """Run in a fresh process: ``rounds`` interleaved evaluation forwards (no grad) of a
+    RECAST-Att+MLP model, of its export and of the plain base, all in eval mode, on one input tensor."""
     torch.set_num_threads(setup.threads)
     torch.manual_seed(0)
     base = setup.base().eval()
@@ -297,15 +293,32 @@ def eval_worker(setup: PerfSetup) -> dict[str, Any]:
     images = setup.images()
     with torch.no_grad():
         sides = [lambda n=net: n(images) for net in (base, model, plain)]
-        base_s, recast_s, export_s = interleaved(sides, EVAL_ROUNDS_FACTOR * setup.repeats, setup.warmup + 1)
+        base_s, recast_s, export_s = interleaved(sides, rounds, setup.warmup + 1)
     return {"base_s": base_s, "recast_s": recast_s, "export_s": export_s}
 
 
 def eval_figures(setup: PerfSetup) -> dict[str, Any]:
-    """Evaluation forward of a RECAST model and of its export against the plain base (fresh process when isolating)."""
-    times = _in_worker(["--eval"], setup) if setup.isolate else eval_worker(setup)
-    return {"eval_recast_over_base": paired_ratio(times["recast_s"], times["base_s"]),
-            "eval_export_over_base": paired_ratio(times["export_s"], times["base_s"])}
+    """Evaluation forward of a RECAST model and of its export against the plain base.
+
+    Measured in the main process after the other figures, with the base left in training mode and
+    one round per repeat, the ratio moved by 10% between runs (0.91 to 1.01) while the three models
+    run the same GEMMs: where a process's allocator happened to place each model's weights biases
+    that whole process. So the ``EVAL_ROUNDS_FACTOR`` x repeats rounds are split over
+    ``EVAL_PROCESSES`` fresh processes (when isolating) that each build the three models and do
+    nothing else, and the ratio is the median over all their pairs.
+    """
+    total = EVAL_ROUNDS_FACTOR * setup.repeats
+    if not setup.isolate:
+        parts = [eval_worker(setup, total)]
+    else:
+        per_process = -(-total // EVAL_PROCESSES)
+        parts = [_in_worker(["--eval", str(per_process)], setup) for _ in range(EVAL_PROCESSES)]
+    times = {key: [t for part in parts for t in part[key]] for key in ("base_s", "recast_s", "export_s")}
+    figures = {"eval_recast_over_base": paired_ratio(times["recast_s"], times["base_s"]),
+               "eval_export_over_base": paired_ratio(times["export_s"], times["base_s"])}
+    for figure in figures.values():
+        figure["processes"] = len(parts)
+    return figures
 
 
 def mimicry_figures(setup: PerfSetup, iterative_steps: int = 1000) -> dict[str, Any]:
@@ -369,17 +382,17 @@ def _all_figures(setup: PerfSetup, progress: bool, iterative_steps: int) -> dict
 
 
 def main() -> None:
-    """Worker entry point (``python -m recast.bench.perf --pair A B``, ``--memory METHOD`` or ``--eval``)."""
+    """Worker entry point (``python -m recast.bench.perf --pair A B``, ``--memory METHOD`` or ``--eval ROUNDS``)."""
     parser = argparse.ArgumentParser(description="one measurement of recast bench --perf, in a fresh process")
     task = parser.add_mutually_exclusive_group(required=True)
     task.add_argument("--pair", nargs=2, choices=WORKER_METHODS, metavar="METHOD", help="interleaved step times of A and B")
     task.add_argument("--memory", choices=WORKER_METHODS, help="peak memory of one method's training")
-    task.add_argument("--eval", action="store_true", help="interleaved evaluation forwards of RECAST, export and base")
+    task.add_argument("--eval", type=int, metavar="ROUNDS", help="interleaved evaluation forwards of RECAST, export and base")
     parser.add_argument("--setup", default="{}", help="PerfSetup fields as JSON")
     args = parser.parse_args()
     setup = PerfSetup(**json.loads(args.setup))
-    if args.eval:
-        figures = eval_worker(setup)
+    if args.eval is not None:
+        figures = eval_worker(setup, args.eval)
     else:
         figures = pair_worker(*args.pair, setup) if args.pair else memory_worker(args.memory, setup)
     print(json.dumps(figures))

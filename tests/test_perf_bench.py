@@ -13,6 +13,7 @@ from recast.bench.perf import (
     eval_figures,
     interleaved,
     paired_ratio,
+    run_memory,
     run_pair,
     run_perf,
 )
@@ -66,6 +67,14 @@ def test_eval_worker_process_times_recast_export_and_base_interleaved():
     assert figures["eval_recast_over_base"]["b"] == figures["eval_export_over_base"]["b"]  # one base, timed once per round
 
 
+def test_memory_workers_load_only_their_own_method_libraries():
+    setup = PerfSetup("vit_tiny_patch16_224", TINY, batch=2, repeats=1, warmup=0, threads=1)
+    recast, lora = run_memory("recast-att", setup), run_memory("lora", setup)
+    assert not recast["peft_loaded"] and lora["peft_loaded"]  # PEFT is the LoRA side's cost only
+    for record in (recast, lora):
+        assert record["peak_rss_mb"] >= record["rss_before_training_mb"] > 0
+
+
 def test_perf_figures_on_a_tiny_vit():
     setup = PerfSetup("vit_tiny_patch16_224", TINY, batch=2, repeats=2, warmup=0, threads=1, isolate=False)
     figures = run_perf(setup, progress=False, iterative_steps=3)
@@ -81,7 +90,7 @@ def test_perf_figures_on_a_tiny_vit():
     assert trainable["recast-att"] == 6 * 2 + 10 * 32 + 10
     assert trainable["full"] > trainable["lora"] > trainable["linear"]
     memory = figures["setup"]["memory"]
-    assert 0 < memory["recast-att"]["rss_after_imports_mb"] < memory["recast-att"]["peak_rss_mb"] + 1  # two clocks of RSS
+    assert 0 < memory["recast-att"]["rss_before_building_mb"] < memory["recast-att"]["peak_rss_mb"] + 1  # two clocks of RSS
     assert memory["recast-att"]["peak_rss_mb"] >= memory["recast-att"]["rss_before_training_mb"] > 0
     for entry in memory.values():  # the training-only increment: final peak minus resident before training
         assert entry["training_increment_mb"] == pytest.approx(entry["peak_rss_mb"] - entry["resident_before_training_mb"])

@@ -5,12 +5,14 @@ run alternately (A B, then B A, ... so a slow drift of the machine hits both sid
 pair gives one ratio, and the figure is the median of those per-pair ratios with its interquartile
 range and the number of pairs. Both sides' median absolute times are reported beside it.
 
-Each training-step pair is timed in a fresh worker process (``python -m recast.bench.perf --pair
-A B``) that builds the two models and does nothing else; peak memory is measured in one more fresh
-process per method (``--memory METHOD``) so that one method's allocations cannot inflate another's
-peak (peak RSS over building the model and two training steps; beside it, the training-only
-increment: that peak minus the resident memory just before training), and the evaluation forwards
-in three more (``--eval ROUNDS``), whose pairs are pooled. The torch thread count is fixed (``PerfSetup.threads``, set in every process) and recorded.
+Each training-step pair is timed in a fresh worker process (this file run with ``--pair A B``; it
+loads neither the rest of ``recast.bench`` nor PEFT unless a side is LoRA) that builds the two models
+and does nothing else; peak memory is measured in one more fresh process per method (``--memory
+METHOD``) so that one method's allocations cannot inflate another's peak (peak RSS over building the
+model and two training steps; beside it, the training-only increment: that peak minus the resident
+memory just before training), and the evaluation forwards in three more (``--eval ROUNDS``), whose
+pairs are pooled. The torch thread count is fixed (``PerfSetup.threads``, set in every process) and
+recorded.
 The backbone is timm ``vit_small_patch16_224`` at 224 px by default (random weights: speed does not
 depend on their values) and the batch is the same for all.
 """
@@ -210,7 +212,7 @@ def memory_worker(method: str, setup: PerfSetup) -> dict[str, Any]:
     """
     torch.set_num_threads(setup.threads)
     torch.manual_seed(0)
-    imported = current_rss_mb()  # the libraries this process loaded, before any model exists
+    started = current_rss_mb()  # the libraries loaded so far (PEFT comes with the LoRA model)
     model = build_for_training(method, setup)
     before, resident = peak_rss_mb(), current_rss_mb()
     step = train_step(model, setup)
@@ -218,13 +220,20 @@ def memory_worker(method: str, setup: PerfSetup) -> dict[str, Any]:
         step()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     peak = peak_rss_mb()
-    return {"peak_rss_mb": peak, "rss_after_imports_mb": imported, "rss_before_training_mb": before, "resident_before_training_mb": resident,
+    return {"peak_rss_mb": peak, "peft_loaded": "peft" in sys.modules,
+            "rss_before_building_mb": started, "rss_before_training_mb": before, "resident_before_training_mb": resident,
             "training_increment_mb": None if resident is None else peak - resident, "trainable_params": trainable}
 
 
+# Runs this file as ``__main__`` without importing the ``recast.bench`` package, whose ``__init__``
+# loads the benchmark suites, the training package and, through its baselines, PEFT (~70 MB
+# resident): a process measuring a RECAST model must hold what a RecastModel user's holds.
+_WORKER_LAUNCH = "import runpy, sys; runpy.run_path(sys.argv.pop(1), run_name='__main__')"
+
+
 def _in_worker(args: list[str], setup: PerfSetup) -> dict[str, Any]:
-    """Run ``python -m recast.bench.perf ARGS`` in a fresh process and return its JSON line."""
-    command = [sys.executable, "-m", "recast.bench.perf", *args, "--setup", json.dumps(asdict(setup))]
+    """Run this module's ``main`` with ARGS in a fresh process and return its JSON line."""
+    command = [sys.executable, "-c", _WORKER_LAUNCH, __file__, *args, "--setup", json.dumps(asdict(setup))]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"perf worker {' '.join(args)} failed:\n{result.stderr[-2000:]}")
@@ -382,7 +391,7 @@ def _all_figures(setup: PerfSetup, progress: bool, iterative_steps: int) -> dict
 
 
 def main() -> None:
-    """Worker entry point (``python -m recast.bench.perf --pair A B``, ``--memory METHOD`` or ``--eval ROUNDS``)."""
+    """Worker entry point (``python recast/bench/perf.py --pair A B``, ``--memory METHOD`` or ``--eval ROUNDS``)."""
     parser = argparse.ArgumentParser(description="one measurement of recast bench --perf, in a fresh process")
     task = parser.add_mutually_exclusive_group(required=True)
     task.add_argument("--pair", nargs=2, choices=WORKER_METHODS, metavar="METHOD", help="interleaved step times of A and B")

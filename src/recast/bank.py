@@ -100,7 +100,9 @@ class _GeneratedLinear(torch.autograd.Function):
             bias_grad = grad_2d.sum(0)
         templates_grad = coefficients_grad = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            weight_grad = x.reshape(-1, x.shape[-1]).t().mm(grad_2d).t()  # (out, in), as addmm's backward
+            # (out, in) computed in that layout: the transpose of addmm's (in, out) product would be
+            # copied by the flattening in _bank_grads (a weight-sized copy per layer and step).
+            weight_grad = grad_2d.t().mm(x.reshape(-1, x.shape[-1]))
             templates_grad, coefficients_grad = _bank_grads(ctx, templates, coefficients, weight_grad)
         return x_grad, templates_grad, coefficients_grad, bias_grad
 

@@ -324,7 +324,8 @@ class RecastModel(TaskModel):
             config = RecastConfig.from_dict(record["config"])
         except ConfigError as exc:
             raise FileFormatError(f"{path}: invalid config ({exc})") from None
-        net = copy.deepcopy(base if base is not None else _rebuild(path, record))
+        # A network rebuilt from the recipe is ours already: copying it would hold every weight twice.
+        net = _rebuild(path, record) if base is None else copy.deepcopy(base)
         plans = plan_banks(net, config)
         stored = [tuple(b["layers"]) for b in record.get("banks", [])]
         if stored != [p.layers for p in plans]:

@@ -302,7 +302,7 @@ def eval_worker(setup: PerfSetup, rounds: int) -> dict[str, Any]:
     images = setup.images()
     with torch.no_grad():
         sides = [lambda n=net: n(images) for net in (base, model, plain)]
-        base_s, recast_s, export_s = interleaved(sides, rounds, setup.warmup + 1)
+        base_s, recast_s, export_s = interleaved(sides, rounds, setup.warmup)
     return {"base_s": base_s, "recast_s": recast_s, "export_s": export_s}
 
 

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import copy
 import inspect
+import types
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, VeraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import Tensor, nn
 
 from recast.bank import fingerprint
@@ -36,6 +36,14 @@ from recast.protocol import TaskInfo, TaskModel
 from recast.recipe import build_from_recipe, recipe_of
 from recast.surgery import find_head, install_head
 from recast.tasks import TaskHead, TaskSpec
+
+
+def _peft() -> types.ModuleType:
+    """The ``peft`` package, imported on first use: with transformers it costs about 70 MB and 1.4 s,
+    which a process that never builds a LoRA or VeRA baseline (training RECAST, serving) should not pay."""
+    import peft  # deferred: heavy optional dependency of the LoRA/VeRA baselines only
+
+    return peft
 
 
 class TaskNetwork(TaskModel):
@@ -155,15 +163,15 @@ class PeftTasks(TaskNetwork):
         net = copy.deepcopy(base)
         super().__init__(net, method, options)
         net.requires_grad_(False)
-        self.net = get_peft_model(net, self.peft_config(), adapter_name=self.adapter_name("base"))
+        self.net = _peft().get_peft_model(net, self.peft_config(), adapter_name=self.adapter_name("base"))
         self.set_task("base")
 
     def peft_config(self) -> Any:
         """A fresh PEFT config for one task's adapter."""
         o = self.method_options
         if self.method == "lora":
-            return LoraConfig(r=o["rank"], lora_alpha=o["alpha"], target_modules=o["targets"], lora_dropout=o["dropout"])
-        return VeraConfig(r=o["rank"], target_modules=o["targets"], vera_dropout=o["dropout"],
+            return _peft().LoraConfig(r=o["rank"], lora_alpha=o["alpha"], target_modules=o["targets"], lora_dropout=o["dropout"])
+        return _peft().VeraConfig(r=o["rank"], target_modules=o["targets"], vera_dropout=o["dropout"],
                           projection_prng_key=o["projection_prng_key"], save_projection=False)
 
     @staticmethod
@@ -192,11 +200,11 @@ class PeftTasks(TaskNetwork):
         self.net.delete_adapter(self.adapter_name(name))
 
     def _tensors(self, name: str) -> dict[str, Tensor]:
-        state = get_peft_model_state_dict(self.net, adapter_name=self.adapter_name(name))
+        state = _peft().get_peft_model_state_dict(self.net, adapter_name=self.adapter_name(name))
         return {k: v.detach() for k, v in state.items()}
 
     def _load(self, name: str, tensors: dict[str, Tensor]) -> None:
-        result = set_peft_model_state_dict(self.net, tensors, adapter_name=self.adapter_name(name))
+        result = _peft().set_peft_model_state_dict(self.net, tensors, adapter_name=self.adapter_name(name))
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
             raise FileFormatError(f"PEFT did not accept {len(unexpected)} tensors, e.g. {unexpected[:3]}")

@@ -7,7 +7,7 @@ import asyncio
 import torch
 
 from recast.methods import build_method
-from recast.serve.bench import _percentiles, clone_tasks, drive
+from recast.serve.bench import _percentiles, clone_tasks, drive, drive_in_process
 from recast.serve.engine import mixed_forward
 from tests.helpers import tiny_vit
 
@@ -34,6 +34,11 @@ def test_load_driver_counts_every_request(server) -> None:
     assert result["completed"] == 9 and result["failed"] == 0
     assert 0 < result["p50_ms"] <= result["p95_ms"] <= result["p99_ms"]
     assert result["throughput_rps"] > 0
+
+
+def test_load_driver_in_its_own_process(server) -> None:
+    result = drive_in_process(server, ["digits", "shapes"], concurrency=2, requests=4, limit_s=60)
+    assert result["completed"] == 4 and result["failed"] == 0
 
 
 def test_percentiles() -> None:

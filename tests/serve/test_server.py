@@ -81,7 +81,8 @@ def test_bad_input_gets_a_clear_4xx(server, request_kwargs, status, words) -> No
     message = response.json()["error"]["message"]
     for word in words:
         assert word in message
-    assert httpx.get(f"{server}/healthz").json()["status"] == "ok"  # still serving
+    health = httpx.get(f"{server}/healthz").json()
+    assert health["status"] == "ok" and health["torch_threads"] >= 1  # still serving, threads recorded
 
 
 def test_client_raises_serve_error(server) -> None:

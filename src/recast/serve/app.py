@@ -103,7 +103,9 @@ def create_app(engine: Engine) -> FastAPI:
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
         metrics.requests.labels("/healthz", "200").inc()
-        return JSONResponse({"status": "ok", "tasks": len(engine.served), "mode": engine.options.mode})
+        threads = await batcher.torch_threads()
+        return JSONResponse({"status": "ok", "tasks": len(engine.served), "mode": engine.options.mode,
+                             "torch_threads": threads})
 
     @app.get("/metrics")
     async def prometheus() -> Response:

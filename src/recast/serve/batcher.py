@@ -26,6 +26,12 @@ from recast.serve.engine import Engine
 LOG = logging.getLogger("recast.serve")
 
 
+def _set_threads(threads: int) -> None:
+    """On the worker thread: use ``threads`` torch threads (0: leave torch's default)."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
 @dataclass
 class Job:
     """One request: its task, its images, and where its per-image probabilities go."""
@@ -43,7 +49,9 @@ class Batcher:
         self.options = engine.options
         self.on_batch = on_batch  # called with the number of images of each forward (metrics)
         self._queue: asyncio.Queue[Job | None] = asyncio.Queue()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recast-serve")
+        # torch's intra-op thread count is set on the model's own thread too: the forward runs there
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recast-serve",
+                                        initializer=_set_threads, initargs=(self.options.threads,))
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -66,6 +74,10 @@ class Batcher:
     async def run(self, function: Callable[..., Any], *args: Any) -> Any:
         """Run ``function`` on the model's thread (for task reloads and listings that must not race)."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, function, *args)
+
+    async def torch_threads(self) -> int:
+        """The torch thread count the forwards run with (read on the model's thread)."""
+        return await self.run(torch.get_num_threads)
 
     async def _loop(self) -> None:
         while True:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import multiprocessing
 import os
 import random
 import signal
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +191,30 @@ async def drive(url: str, tasks: list[str], concurrency: int, requests: int, see
             **_percentiles(latencies)}
 
 
+def _client_process_setup() -> None:
+    """In the load client's process: one torch thread, so the client never competes with the server's."""
+    torch.set_num_threads(1)
+
+
+def drive_in_process(url: str, tasks: list[str], concurrency: int, requests: int, seed: int = 0,
+                     limit_s: float = 600.0) -> dict[str, Any]:
+    """:func:`drive` in a fresh process of its own (the client shares no interpreter or threads with the
+    benchmark's models); the process is bounded by ``limit_s`` plus a margin for its start."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_client_process_setup) as pool:
+        future = pool.submit(_drive_sync, url, tasks, concurrency, requests, seed, limit_s)
+        return future.result(timeout=limit_s + 120)
+
+
+def _drive_sync(url: str, tasks: list[str], concurrency: int, requests: int, seed: int, limit_s: float) -> dict[str, Any]:
+    return asyncio.run(drive(url, tasks, concurrency, requests, seed, limit_s))
+
+
+def default_server_threads() -> int:
+    """Torch threads for each server: all cores but one, which is left to the load client."""
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
 def _percentiles(latencies: list[float]) -> dict[str, float | None]:
     if not latencies:
         return {"p50_ms": None, "p95_ms": None, "p99_ms": None}
@@ -201,10 +227,11 @@ def load_test(tasks: int = 100, concurrency: tuple[int, ...] = (1, 8, 64), reque
               threads: int = 0, seed: int = 0, limit_s: float = 600.0, progress: Any = None) -> dict[str, Any]:
     """Each server of ``SERVERS`` under the same load; throughput and latency per concurrency."""
     say = progress or (lambda _: None)
+    threads = threads or default_server_threads()
     results: dict[str, Any] = {
         "tasks": tasks, "tasks_note": "cloned from one task with perturbed coefficients/heads (a speed test)",
         "backbone": "recast-vit32", "host": HOST, "max_batch": MAX_BATCH, "max_wait_ms": MAX_WAIT_MS,
-        "threads": threads or None, "requests_per_level": requests, "servers": {}}
+        "threads": threads, "client": "its own process (spawn), one torch thread", "requests_per_level": requests, "servers": {}}
     with tempfile.TemporaryDirectory(prefix="recast-serve-bench-") as tmp:
         dirs = {}
         for method in dict.fromkeys(s[1] for s in SERVERS):
@@ -215,8 +242,10 @@ def load_test(tasks: int = 100, concurrency: tuple[int, ...] = (1, 8, 64), reque
             say(f"load: starting {label} ({method}, mode {mode})")
             runs = []
             with Server(dirs[method], mode, threads) as server:
+                health = httpx.get(f"{server.url}/healthz", timeout=30).json()
                 for level in concurrency:
-                    run = asyncio.run(drive(server.url, names, level, requests, seed, limit_s))
+                    run = drive_in_process(server.url, names, level, requests, seed, limit_s)
+                    run["server_torch_threads"] = health.get("torch_threads")
                     runs.append(run)
                     say(f"load: {label} concurrency {level}: {run['throughput_rps']:.1f} req/s, "
                         f"p50 {_ms(run['p50_ms'])} p99 {_ms(run['p99_ms'])}, {run['failed']} failed")

@@ -232,3 +232,11 @@ def test_composing_at_load_gives_each_task_its_own_session_and_switches_by_choos
             assert float(np.abs(runner.run(images.numpy(), task) - expected).max()) < TOLERANCE
     delivered = runner.load_task(packed_task_blob(model, "b", "fp32"))  # a task file delivered later
     assert float(np.abs(runner.run(images[:1].numpy(), delivered) - torch_logits(model, "b", images[:1])).max()) < TOLERANCE
+
+
+def test_sessions_do_not_spin_unless_asked(exported):
+    entry = "session.intra_op.allow_spinning"
+    assert EdgeRunner(exported, threads=1)._options().get_session_config_entry(entry) == "0"
+    spinning = EdgeRunner(exported, threads=1, spinning=True)
+    assert spinning._options().get_session_config_entry(entry) == "1"
+    assert spinning.run(np.zeros((1, 3, 16, 16), np.float32), "a").shape[0] == 1

@@ -118,3 +118,15 @@ def test_effnet_suite_names_its_recast_variants():
     (backbone,) = effnet_suite().backbones
     assert {"recast", "recast:dw", "recast:bn"} <= set(backbone.methods)
     assert backbone.options["recast:dw"] == {"depthwise": True} and backbone.options["recast:bn"] == {"own_bn": True}
+
+
+@pytest.mark.parametrize("method", ["piggyback", "recast+piggyback"])
+def test_piggyback_masks_same_padded_convs_faithfully(lite0, method):
+    # tf_efficientnet_lite's stem and stride-2 depthwise convs are timm Conv2dSame, padded at run time
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        expected = lite0(x)
+    model = build_method(method, lite0, scope="all")
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x), expected, atol=1e-4, rtol=1e-4)  # masks start full: the base itself

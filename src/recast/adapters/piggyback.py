@@ -29,6 +29,8 @@ from recast.errors import ConfigError
 from recast.layers import GeneratedWeight
 from recast.tasks import TaskSpec
 
+PLAIN_FORWARDS = (nn.Conv2d.forward, nn.Linear.forward)
+
 if TYPE_CHECKING:
     from recast.model import RecastModel
 
@@ -84,6 +86,9 @@ class PiggybackLayer(AdapterModule):
 
     def forward_task(self, x: Tensor, task: str) -> Tensor:
         weight, inner = self.masked_weight(task), self.inner
+        if not isinstance(inner, GeneratedWeight) and type(inner).forward not in PLAIN_FORWARDS:
+            # a layer with its own forward (timm's Conv2dSame pads at run time): run it on the masked weight
+            return torch.func.functional_call(inner, {"weight": weight}, (x,))
         if isinstance(inner, CONV_TYPES):  # (B, in, H, W) -> (B, out, H', W')
             return F.conv2d(x, weight, inner.bias, inner.stride, inner.padding, inner.dilation, inner.groups)
         return F.linear(x, weight, inner.bias)  # (..., in) -> (..., out)

@@ -173,7 +173,7 @@ def _paired_ratios(times: dict[str, list[float]], reference: str) -> dict[str, d
         if name == reference:
             continue
         ratios = sorted(a / b for a, b in zip(values, times[reference], strict=True))
-        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+        q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else (ratios[0],) * 3
         out[name] = {"median": statistics.median(ratios), "iqr": [q1, q3]}
     return out
 

@@ -7,6 +7,7 @@ say (DESIGN.md: "Benchmarks as data").
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -19,6 +20,12 @@ from recast.io import atomic_write_bytes
 
 REQUIRED_FIELDS = ("method", "backbone", "suite", "seed", "tasks", "average_accuracy", "forgetting", "bwt")
 
+
+
+def file_stem(text: str) -> str:
+    """``text`` as a file name stem every file system accepts: anything but letters, digits and
+    ``_.+-`` becomes ``-`` (``recast:dw`` -> ``recast-dw``; Windows refuses ``:`` in names)."""
+    return re.sub(r"[^A-Za-z0-9_.+-]", "-", text)
 
 def load_runs(results_dir: str | Path) -> list[dict[str, Any]]:
     """Every run file under ``results_dir/runs`` (sorted by name), checked for the required fields."""
@@ -169,6 +176,6 @@ def plot_accuracy_matrix(run: dict[str, Any], results_dir: Path) -> Path:
     ax.set_yticks(range(len(names)), [f"after {n}" for n in names], fontsize=7)
     ax.set_title(f"{run['method']} / {run['backbone']} / seed {run['seed']}", fontsize=8)
     fig.tight_layout()
-    path = results_dir / f"matrix_{run['method']}_{run['backbone']}_{run['seed']}.png".replace("+", "-")
+    path = results_dir / (file_stem(f"matrix_{run['method']}_{run['backbone']}_{run['seed']}").replace("+", "-") + ".png")
     fig.savefig(path, dpi=120)
     return path

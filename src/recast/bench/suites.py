@@ -7,7 +7,6 @@ settings (any :class:`~recast.train.TrainConfig` field, ``image_size`` and ``aug
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,6 +17,7 @@ from torch import nn
 from recast.adapters.adaptformer import REFERENCE as ADAPTFORMER_REFERENCE
 from recast.adapters.piggyback import REFERENCE_LRS as PIGGYBACK_REFERENCE_LRS
 from recast.backbones import load_backbone
+from recast.bench.report import file_stem
 from recast.errors import ConfigError
 from recast.train import SequenceTask, TrainConfig, open_task, set_image_size
 from recast.train.sequence import SequenceEntry, offline_entries
@@ -167,7 +167,7 @@ class Run:
     @property
     def file_name(self) -> str:
         """``runs/`` file name: safe characters only."""
-        return re.sub(r"[^A-Za-z0-9_.+-]", "-", f"{self.method}__{self.backbone.key}__{self.seed}") + ".json"
+        return file_stem(f"{self.method}__{self.backbone.key}__{self.seed}") + ".json"
 
 
 def plan(suite: Suite, methods: list[str] | None = None, seeds: list[int] | None = None,

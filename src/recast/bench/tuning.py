@@ -13,11 +13,11 @@ Learning rates are per kind of trained state: ``head``, ``coefficients`` (RECAST
 from __future__ import annotations
 
 import itertools
-import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from recast.bench.report import file_stem
 from recast.bench.suites import Run, Suite, load_base, method_name, open_tasks, run_config
 from recast.errors import ConfigError
 from recast.io import atomic_write_json, read_json
@@ -97,7 +97,7 @@ def validation_score(suite: Suite, run: Run, options: Mapping[str, Any]) -> dict
 
 def tuning_file(out: Path, run: Run) -> Path:
     """Where the tuning of ``run``'s method and backbone is kept."""
-    return out / "tuning" / (re.sub(r"[^A-Za-z0-9_.+-]", "-", f"{run.method}__{run.backbone.key}") + ".json")
+    return out / "tuning" / (file_stem(f"{run.method}__{run.backbone.key}") + ".json")
 
 
 def tune(

@@ -114,10 +114,18 @@ def select_layers(net: nn.Module, config: RecastConfig) -> list[str]:
     return chosen
 
 
+def has_plain_forward(module: nn.Linear | nn.Conv2d) -> bool:
+    """Whether ``module`` runs ``nn.Linear``'s or ``nn.Conv2d``'s own forward (timm's ``Conv2dSame``,
+    which pads at run time, does not): only then does ``F.linear`` / ``F.conv2d`` with its attributes
+    compute the same thing."""
+    plain = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
+    return type(module).forward is plain.forward
+
+
 def _check_generatable(name: str, module: nn.Linear | nn.Conv2d) -> None:
     """Refuse layers whose forward is not the plain one (timm's ``Conv2dSame`` pads at run time, ...)."""
-    plain = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
-    if type(module).forward is not plain.forward:
+    if not has_plain_forward(module):
+        plain = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
         raise SurgeryError(
             f"{name} is a {type(module).__name__}, whose forward differs from {plain.__name__}'s; its weight "
             "cannot be generated faithfully. Exclude it (RecastConfig(exclude=[...])) or target other layers"

@@ -27,9 +27,8 @@ from torch import Tensor, nn
 from recast.adapters.base import CONV_TYPES, LINEAR_TYPES, AdapterModule, install, outside_task_state, register_adapter
 from recast.errors import ConfigError
 from recast.layers import GeneratedWeight
+from recast.surgery import has_plain_forward
 from recast.tasks import TaskSpec
-
-PLAIN_FORWARDS = (nn.Conv2d.forward, nn.Linear.forward)
 
 if TYPE_CHECKING:
     from recast.model import RecastModel
@@ -86,7 +85,7 @@ class PiggybackLayer(AdapterModule):
 
     def forward_task(self, x: Tensor, task: str) -> Tensor:
         weight, inner = self.masked_weight(task), self.inner
-        if not isinstance(inner, GeneratedWeight) and type(inner).forward not in PLAIN_FORWARDS:
+        if not isinstance(inner, GeneratedWeight) and not has_plain_forward(inner):
             # a layer with its own forward (timm's Conv2dSame pads at run time): run it on the masked weight
             return torch.func.functional_call(inner, {"weight": weight}, (x,))
         if isinstance(inner, CONV_TYPES):  # (B, in, H, W) -> (B, out, H', W')

@@ -21,11 +21,11 @@ from recast.io import atomic_write_bytes
 REQUIRED_FIELDS = ("method", "backbone", "suite", "seed", "tasks", "average_accuracy", "forgetting", "bwt")
 
 
-
 def file_stem(text: str) -> str:
     """``text`` as a file name stem every file system accepts: anything but letters, digits and
     ``_.+-`` becomes ``-`` (``recast:dw`` -> ``recast-dw``; Windows refuses ``:`` in names)."""
     return re.sub(r"[^A-Za-z0-9_.+-]", "-", text)
+
 
 def load_runs(results_dir: str | Path) -> list[dict[str, Any]]:
     """Every run file under ``results_dir/runs`` (sorted by name), checked for the required fields."""

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as torch_dist
 
+from recast.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -57,11 +59,25 @@ def default_device(local_rank: int = 0) -> str:
     return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device: str) -> str:
+    """``device`` if it names a device this process can use (``cpu``, ``cuda``, ``cuda:N``), else a ConfigError."""
+    kind, sep, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (sep and (kind == "cpu" or not index.isdigit())):
+        raise ConfigError(f"device {device!r}: use cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: no CUDA GPU is visible to this process; use cpu")
+    if kind == "cuda" and sep and int(index) >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
+
+
 def init_distributed(device: str | None = None) -> DistContext:
     """Join the ``torchrun`` process group if this process was started by it; else a single process.
 
     ``device`` overrides the automatic choice (``cpu`` forces gloo even where GPUs exist).
     """
+    if device is not None:
+        check_device(device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistContext(device=device or default_device())

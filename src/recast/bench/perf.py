@@ -15,6 +15,12 @@ pairs are pooled. The torch thread count is fixed (``PerfSetup.threads``, set in
 recorded.
 The backbone is timm ``vit_small_patch16_224`` at 224 px by default (random weights: speed does not
 depend on their values) and the batch is the same for all.
+
+On a GPU (``PerfSetup.device``) every timed call ends with a device synchronisation, ``bf16``
+runs forwards under autocast, and peak memory is the CUDA allocator's peak over building the model
+and two training steps (reset before each method), measured in the one process that measures
+everything else: a fresh process per figure would cost seconds of CUDA start-up each and changes
+nothing the allocator's own peak counter reports.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,10 +45,12 @@ import torch
 from torch import nn
 
 from recast.config import RecastConfig
+from recast.distributed import check_device
 from recast.format import task_records
 from recast.model import RecastModel
 from recast.recipe import create_timm
 
+PRECISIONS = ("fp32", "bf16")
 WORKER_METHODS = ("recast-att", "recast-mlp", "recast-att+mlp", "lora", "full", "linear")
 TRAIN_PAIRS = {  # figure name -> (A, B)
     "train_step_recast_att_over_lora": ("recast-att", "lora"),
@@ -67,7 +76,19 @@ class PerfSetup:
     repeats: int = 10  # interleaved A/B pairs per ratio (the cheap switch figure uses 4x as many)
     warmup: int = 2  # untimed calls of each side first
     threads: int = 1  # torch.set_num_threads in every measuring process: one core is the stable choice
-    isolate: bool = True  # fresh processes for training steps, peak memory and eval (off: quick runs and tests)
+    isolate: bool = True  # fresh processes for training steps, peak memory and eval (off: quick runs, tests, GPUs)
+    device: str = "cpu"  # "cuda" or "cuda:N": every model and batch lives there
+    precision: str = "fp32"  # "bf16": forwards under autocast (the weights and optimiser state stay fp32)
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check_device(self.device)
+
+    @property
+    def on_cuda(self) -> bool:
+        """Whether the models run on a CUDA device."""
+        return self.device == "cuda" or self.device.startswith("cuda:")
 
     @property
     def image_size(self) -> int:
@@ -75,16 +96,29 @@ class PerfSetup:
         return int(self.kwargs.get("img_size", 224))
 
     def base(self) -> nn.Module:
-        """A fresh base model with random weights and a 10-class head."""
-        return create_timm(self.model, **{"num_classes": 10, **self.kwargs})
+        """A fresh base model with random weights and a 10-class head, on the setup's device."""
+        return create_timm(self.model, **{"num_classes": 10, **self.kwargs}).to(self.device)
 
     def recast_config(self, target: str, base: nn.Module) -> Any:
         """The paper's G=6, n=2, K=2 where the depth allows it (one group otherwise)."""
         return RecastConfig(target=target, groups=6 if len(base.blocks) % 6 == 0 else 1)
 
     def images(self) -> torch.Tensor:
-        """A random batch of the setup's size."""
-        return torch.randn(self.batch, 3, self.image_size, self.image_size)
+        """A random batch of the setup's size, on the setup's device."""
+        return torch.randn(self.batch, 3, self.image_size, self.image_size, device=self.device)
+
+    def labels(self) -> torch.Tensor:
+        """Random labels for :meth:`images`."""
+        return torch.randint(10, (self.batch,), device=self.device)
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        """bf16 autocast on the setup's device when ``precision`` asks for it, else nothing."""
+        return torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
+    def sync(self) -> None:
+        """Wait for the device's queued work, so that a timed call includes it (nothing on a CPU)."""
+        if self.on_cuda:
+            torch.cuda.synchronize(self.device)
 
 
 def _quantile(sorted_values: Sequence[float], q: float) -> float:
@@ -162,15 +196,17 @@ def train_step(model: nn.Module, setup: PerfSetup) -> Callable[[], None]:
     """One AdamW step of ``model`` (forward, backward, clip, update) on a fixed random batch."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=1e-4)
-    images, labels = setup.images(), torch.randint(10, (setup.batch,))
+    images, labels = setup.images(), setup.labels()
     model.train()
 
     def step() -> None:
         optimiser.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(model(images), labels)
+        with setup.autocast():
+            loss = nn.functional.cross_entropy(model(images), labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimiser.step()
+        setup.sync()
 
     return step
 
@@ -208,10 +244,13 @@ def memory_worker(method: str, setup: PerfSetup) -> dict[str, Any]:
     """Run in a fresh process: this process's peak RSS (MiB) over building ``method`` and two training steps.
 
     Also recorded: the peak before training (building the model included) and the resident memory
-    just before training, whose difference to the final peak is the training-only increment.
+    just before training, whose difference to the final peak is the training-only increment. On a
+    GPU: the CUDA allocator's figures instead (:func:`cuda_memory_worker`).
     """
     torch.set_num_threads(setup.threads)
     torch.manual_seed(0)
+    if setup.on_cuda:
+        return cuda_memory_worker(method, setup)
     started = current_rss_mb()  # the libraries loaded so far (PEFT comes with the LoRA model)
     model = build_for_training(method, setup)
     before, resident = peak_rss_mb(), current_rss_mb()
@@ -220,9 +259,31 @@ def memory_worker(method: str, setup: PerfSetup) -> dict[str, Any]:
         step()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     peak = peak_rss_mb()
-    return {"peak_rss_mb": peak, "peft_loaded": "peft" in sys.modules,
+    return {"peak_mb": peak, "measure": "peak RSS", "peak_rss_mb": peak, "peft_loaded": "peft" in sys.modules,
             "rss_before_building_mb": started, "rss_before_training_mb": before, "resident_before_training_mb": resident,
             "training_increment_mb": None if resident is None else peak - resident, "trainable_params": trainable}
+
+
+def cuda_memory_worker(method: str, setup: PerfSetup) -> dict[str, Any]:
+    """Peak CUDA memory (MiB, the allocator's) over building ``method`` and two training steps.
+
+    Counted from what was allocated before building (earlier figures' models are freed first), so
+    one process can measure every method; ``training_increment_mb`` is the peak minus what the
+    built model held.
+    """
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(setup.device)
+    start = torch.cuda.memory_allocated(setup.device)
+    model = build_for_training(method, setup)
+    resident = torch.cuda.memory_allocated(setup.device) - start
+    step = train_step(model, setup)
+    for _ in range(2):  # the second step holds AdamW's state too
+        step()
+    peak = (torch.cuda.max_memory_allocated(setup.device) - start) / 2**20
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"peak_mb": peak, "measure": "peak CUDA memory allocated", "resident_before_training_mb": resident / 2**20,
+            "training_increment_mb": peak - resident / 2**20, "trainable_params": trainable}
 
 
 # Runs this file as ``__main__`` without importing the ``recast.bench`` package, whose ``__init__``
@@ -274,6 +335,7 @@ def switch_figures(setup: PerfSetup) -> dict[str, Any]:
                 for _, module in model.task_modules():
                     if module.kind == "coefficients":
                         module.weight_for("b")  # what the first forward would generate
+            setup.sync()
 
         loaded: list[str] = []
 
@@ -284,6 +346,7 @@ def switch_figures(setup: PerfSetup) -> dict[str, Any]:
             loaded.append(name)
             if len(loaded) > 1:  # keep one adapter loaded, as RECAST keeps one copy of task b
                 peft_model.delete_adapter(loaded[-2])
+            setup.sync()
 
         recast_s, peft_s = interleaved([recast_switch, peft_switch], 4 * setup.repeats, setup.warmup)
         sizes = {"recast_task_file_bytes": task_records(tmp)["b"]["bytes"],
@@ -300,8 +363,14 @@ def eval_worker(setup: PerfSetup, rounds: int) -> dict[str, Any]:
     model = RecastModel.from_base(base, setup.recast_config("att+mlp", base)).eval()
     plain = model.export("base").eval()
     images = setup.images()
+
+    def forward(net: nn.Module) -> None:
+        with setup.autocast():
+            net(images)
+        setup.sync()
+
     with torch.no_grad():
-        sides = [lambda n=net: n(images) for net in (base, model, plain)]
+        sides = [lambda n=net: forward(n) for net in (base, model, plain)]
         base_s, recast_s, export_s = interleaved(sides, rounds, setup.warmup)
     return {"base_s": base_s, "recast_s": recast_s, "export_s": export_s}
 
@@ -335,8 +404,10 @@ def mimicry_figures(setup: PerfSetup, iterative_steps: int = 1000) -> dict[str, 
     base = setup.base()
     reports = {}
     for method, options in (("svd", {}), ("iterative", {"steps": iterative_steps})):
+        setup.sync()
         start = time.perf_counter()
         model = RecastModel.from_base(base, setup.recast_config("att", base), mimicry=method, **options)
+        setup.sync()
         reports[method] = {"seconds": time.perf_counter() - start, "weight_rel_error": model.mimicry_report["weight_rel_error"]}
     figure = ratio(reports["svd"]["seconds"], reports["iterative"]["seconds"], "s")
     figure.update({"svd_weight_rel_error": reports["svd"]["weight_rel_error"],
@@ -373,7 +444,7 @@ def _all_figures(setup: PerfSetup, progress: bool, iterative_steps: int) -> dict
         say(f"peak memory: {method}")
         memory[method] = run_memory(method, setup)
     for name, (a, b) in MEMORY_PAIRS.items():
-        figures[name] = ratio(memory[a]["peak_rss_mb"], memory[b]["peak_rss_mb"], "MiB")
+        figures[name] = ratio(memory[a]["peak_mb"], memory[b]["peak_mb"], "MiB")
         if memory[a]["training_increment_mb"] and memory[b]["training_increment_mb"]:
             figures[name]["training_increment"] = ratio(
                 memory[a]["training_increment_mb"], memory[b]["training_increment_mb"], "MiB")
@@ -385,6 +456,8 @@ def _all_figures(setup: PerfSetup, progress: bool, iterative_steps: int) -> dict
     figures.update(mimicry_figures(setup, iterative_steps))
     trainable = {m: n for name, (a, b) in TRAIN_PAIRS.items() for m, n in zip((a, b), pairs[name]["trainable_params"], strict=True)}
     figures["setup"] = {**asdict(setup), "image_size": setup.image_size, "threads": torch.get_num_threads(),
+                        "device_name": torch.cuda.get_device_name(setup.device) if setup.on_cuda else "cpu",
+                        "torch": torch.__version__,
                         "worker_threads": sorted({p["threads"] for p in pairs.values()}),
                         "trainable_params": trainable, "memory": memory}
     return figures

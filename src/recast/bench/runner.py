@@ -13,9 +13,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from recast.bench.report import write_report
 from recast.bench.suites import Run, Suite, load_base, method_name, open_tasks, run_config
 from recast.bench.tuning import tune
+from recast.distributed import DistContext
 from recast.io import atomic_write_json
 from recast.methods import build_method
 from recast.train import (
@@ -32,7 +35,7 @@ from recast.train import (
 def run_one(
     suite: Suite, run: Run, out: Path, progress: bool = False, log: Callable[[str], None] = print,
     *, options: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
-    extra: dict[str, Any] | None = None, resume: bool = False,
+    extra: dict[str, Any] | None = None, resume: bool = False, device: str = "cpu",
 ) -> dict[str, Any]:
     """Learn the suite's tasks with one method on one backbone; write and return the run record.
 
@@ -40,7 +43,7 @@ def run_one(
     to its training options; ``extra`` fields go into the record (e.g. the tuning that chose them).
     Progress is kept in ``out/state/<run>/`` until the record is written; with ``resume`` an
     interrupted run continues from its last finished task and epoch (its model directory holds
-    the finished tasks).
+    the finished tasks). ``device`` is where training and evaluation run (``cpu``, ``cuda``, ...).
     """
     config = run_config(suite, run, overrides)
     base = load_base(run, config)
@@ -63,17 +66,27 @@ def run_one(
         return int(record["bytes"])
 
     start = time.perf_counter()
-    outcome = learn_sequence(model, tasks, config, progress=progress, on_task=save, state_dir=state, resume=resume)
+    outcome = learn_sequence(model, tasks, config, dist=DistContext(device=device), progress=progress, on_task=save,
+                             state_dir=state, resume=resume)
     record = run_record(model, outcome, method=run.method, backbone=run.backbone.key, suite=suite.name, config=config,
-                        seconds=time.perf_counter() - start, backbone_spec=run.backbone.spec, **(extra or {}))
+                        seconds=time.perf_counter() - start, backbone_spec=run.backbone.spec, device=device_label(device),
+                        **(extra or {}))
     atomic_write_json(out / "runs" / run.file_name, record)
     remove_checkpoint(state)
     return record
 
 
+def device_label(device: str) -> str:
+    """What a run file records as its device: ``cpu``, or the GPU's name (e.g. ``cuda (NVIDIA H200)``)."""
+    if device == "cpu":
+        return "cpu"
+    return f"{device} ({torch.cuda.get_device_name(device)})"
+
+
 def run_suite(
     suite: Suite, runs: list[Run], out: str | Path, progress: bool = False, resume: bool = True,
     log: Callable[[str], None] = print, *, tune_lrs: bool = False, grid: Mapping[str, Sequence[float]] | None = None,
+    device: str = "cpu",
 ) -> Path:
     """Every run (skipping those whose result file exists when ``resume``), then the report.
 
@@ -91,10 +104,10 @@ def run_suite(
         if tune_lrs and key not in chosen:
             first = Run(run.method, run.backbone, suite.seeds[0])  # the suite's first seed, even with --seeds
             log(f"tuning {run.method} on {run.backbone.key}: learning rates by validation accuracy, seed {first.seed}")
-            chosen[key] = tune(suite, first, out, grid=grid, resume=resume, log=log)
+            chosen[key] = tune(suite, first, out, grid=grid, resume=resume, log=log, device=device)
         tuning = chosen.get(key)
         log(f"[{index}/{len(runs)}] {run.method} on {run.backbone.key}, seed {run.seed}"
             + (f", learning rates {tuning['chosen']}" if tuning else ""))
         run_one(suite, run, out, progress=progress, log=log, options=tuning["options"] if tuning else None,
-                extra={"tuning": tuning} if tuning else None, resume=resume)
+                extra={"tuning": tuning} if tuning else None, resume=resume, device=device)
     return write_report(out)

@@ -19,6 +19,7 @@ from typing import Any
 
 from recast.bench.report import file_stem
 from recast.bench.suites import Run, Suite, load_base, method_name, open_tasks, run_config
+from recast.distributed import DistContext
 from recast.errors import ConfigError
 from recast.io import atomic_write_json, read_json
 from recast.methods import build_method
@@ -83,7 +84,7 @@ def parse_grid(pairs: Sequence[str]) -> dict[str, tuple[float, ...]]:
     return grid
 
 
-def validation_score(suite: Suite, run: Run, options: Mapping[str, Any]) -> dict[str, Any]:
+def validation_score(suite: Suite, run: Run, options: Mapping[str, Any], device: str = "cpu") -> dict[str, Any]:
     """Learn the suite's tasks with ``options`` on ``run``'s seed; validation accuracies only (no test split)."""
     config = run_config(suite, run)
     base = load_base(run, config)
@@ -91,7 +92,8 @@ def validation_score(suite: Suite, run: Run, options: Mapping[str, Any]) -> dict
     per_task = {}
     for task in open_tasks(suite, base, run.seed, config):
         prepare_task(model, task.name, task.classes, seed=config.seed)
-        per_task[task.name] = fit_task(model, task.train, task.val, None, config).val_accuracy
+        per_task[task.name] = fit_task(model, task.train, task.val, None, config,
+                                       dist=DistContext(device=device)).val_accuracy
     return {"val_accuracy": sum(per_task.values()) / len(per_task), "per_task": per_task}
 
 
@@ -102,7 +104,7 @@ def tuning_file(out: Path, run: Run) -> Path:
 
 def tune(
     suite: Suite, run: Run, out: Path, *, grid: Mapping[str, Sequence[float]] | None = None, resume: bool = True,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = print, device: str = "cpu",
 ) -> dict[str, Any]:
     """Choose ``run``'s learning rates by validation accuracy on ``run``'s seed (the first seed).
 
@@ -119,7 +121,7 @@ def tune(
             return record
     scores = []
     for index, point in enumerate(points if len(points) > 1 else [], 1):  # one point: nothing to choose between
-        score = validation_score(suite, run, method_options(point))
+        score = validation_score(suite, run, method_options(point), device)
         scores.append({"lrs": point, **score})
         log(f"  tune {run.method} / {run.backbone.key} [{index}/{len(points)}] {point}: "
             f"validation {score['val_accuracy']:.4f}")

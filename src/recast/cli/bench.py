@@ -8,10 +8,11 @@ import json
 from pathlib import Path
 
 from recast import bench
-from recast.bench.perf import PerfSetup, run_perf
+from recast.bench.perf import PRECISIONS, PerfSetup, run_perf
 from recast.bench.report import write_report
 from recast.bench.tuning import DEFAULT_GRID, grid_points, parse_grid
 from recast.cli import edge, serve
+from recast.distributed import check_device, default_device
 from recast.errors import ConfigError
 from recast.train import AUGMENTS
 
@@ -60,14 +61,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         + "); RECAST + an adapter ties its coefficients to the adapter's rate unless coefficients "
                         "is given")
     parser.add_argument("--max-train-images", type=int, metavar="N",
-                        help="train on a seeded random subset of at most N images per task (default: the suite's)")
+                        help="train on a seeded random subset of at most N images per task; 0: every image (default: "
+                        "the suite's)")
     parser.add_argument("--epochs", type=int, metavar="N", help="epochs per task (default: the suite's)")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N, for training and for --perf (default: a GPU when "
+                        "there is one); recorded in every run file")
+    parser.add_argument("--precision", choices=PRECISIONS,
+                        help="fp32, or bf16 autocast (default: fp32); recorded in every run file")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="data-loading worker processes per run (default: 0, load in the training process)")
     parser.add_argument("--perf", action="store_true", help="measure the speed and memory ratios instead (see --json)")
     parser.add_argument("--json", action="store_true", help="with --perf: print one JSON object of ratios")
     parser.add_argument("--repeats", type=int, default=PerfSetup.repeats, metavar="N",
                         help="with --perf: interleaved A/B pairs per ratio (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=PerfSetup.threads, metavar="N",
                         help="with --perf: torch threads of every measuring process (default: %(default)s)")
+    parser.add_argument("--model", default=PerfSetup.model, metavar="NAME",
+                        help="with --perf: the timm ViT measured, random weights (default: %(default)s; e.g. "
+                        "vit_base_patch16_224)")
+    parser.add_argument("--batch", type=int, default=PerfSetup.batch, metavar="N",
+                        help="with --perf: images per training step and evaluation forward (default: %(default)s)")
     parser.add_argument("--serve", nargs=argparse.REMAINDER, metavar="OPTION",
                         help="run the serving benchmark instead, exactly as 'recast serve-bench' with the options "
                         "that follow (load test, memory per task, micro-benchmark; JSON under results/serve/); "
@@ -84,12 +97,14 @@ def run(args: argparse.Namespace) -> int:
     """Dispatch to the serving or edge benchmark, the perf figures, the report, the dry run or the suite."""
     if args.serve is not None or args.edge is not None:
         return run_alias(args)
+    device = check_device(args.device) if args.device else default_device()
     if args.perf:
-        if args.repeats < 1 or args.threads < 1:
-            print("recast: error: --repeats and --threads must be at least 1")
-            return 2
+        if min(args.repeats, args.threads, args.batch) < 1:
+            raise ConfigError("--repeats, --threads and --batch must be at least 1")
         kwargs = {"img_size": args.image_size} if args.image_size else {}
-        setup = PerfSetup(kwargs=kwargs, repeats=args.repeats, threads=args.threads)
+        # On a GPU one process measures every figure (see recast.bench.perf): CUDA start-up per process costs seconds.
+        setup = PerfSetup(args.model, kwargs, batch=args.batch, repeats=args.repeats, threads=args.threads,
+                          isolate=device == "cpu", device=device, precision=args.precision or "fp32")
         figures = run_perf(setup, progress=not args.json)
         print(json.dumps(figures, indent=2) if args.json else _format_perf(figures))
         return 0
@@ -100,9 +115,14 @@ def run(args: argparse.Namespace) -> int:
               "presets": bench.presets_suite,
               "paper": lambda: bench.paper_suite(args.data_root)}
     suite = suites[args.suite]()
-    suite = bench.with_training(suite, image_size=args.image_size, augment=args.augment, epochs=args.epochs)
+    if args.workers is not None and args.workers < 0:
+        raise ConfigError("--workers must be 0 or more")
+    suite = bench.with_training(suite, image_size=args.image_size, augment=args.augment, epochs=args.epochs,
+                                precision=args.precision, num_workers=args.workers)
     if args.max_train_images is not None:
-        suite = dataclasses.replace(suite, max_train_images=args.max_train_images)
+        if args.max_train_images < 0:
+            raise ConfigError("--max-train-images must be 0 (every image) or more")
+        suite = dataclasses.replace(suite, max_train_images=args.max_train_images or None)
     runs = bench.plan(suite, args.methods, args.seeds, args.backbones)
     grid = parse_grid(args.tune_grid)
     print(bench.describe(suite, runs))
@@ -116,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         print("recast: error: some data roots are missing (see above); fix --data-root or download them first")
         return 2
     report = bench.run_suite(suite, runs, args.out, progress=True, resume=not args.restart, tune_lrs=args.tune,
-                             grid=grid)
+                             grid=grid, device=device)
     print(f"wrote {report} and the plots beside it")
     return 0
 

@@ -10,7 +10,6 @@ import time
 from recast.errors import ConfigError
 from recast.serve.bench import PARTS, run_all
 from recast.serve.engine import ServeOptions
-from recast.serve.server import run_server
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -49,6 +48,10 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    # Deferred: the web stack (uvicorn, FastAPI, Starlette) loads only for the command that serves,
+    # so every other subcommand starts without it (and runs where it is not installed).
+    from recast.serve.server import run_server
+
     options = ServeOptions(
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         max_images=args.max_images, reload_interval_s=args.reload_interval, mode=args.mode, batching=args.batching,

@@ -171,3 +171,19 @@ def test_a_grid_of_one_point_is_chosen_without_trials(tmp_path):
     record = bench.tune(bench.Suite("s", (), (), {}), run, tmp_path, grid={"head": (1e-2,)}, log=lambda _: None)
     assert record["chosen"] == {"head": 1e-2} and record["options"] == {"head_lr": 1e-2} and record["scores"] == []
     assert json.loads((tmp_path / "tuning" / "linear__b.json").read_text()) == record
+
+
+def test_run_files_record_device_precision_and_workers(tiny_suite, tmp_path):
+    suite = bench.with_training(tiny_suite, precision="bf16", num_workers=0)
+    bench.run_suite(suite, bench.plan(suite, methods=["linear"]), tmp_path, log=lambda _: None, device="cpu")
+    record = json.loads((tmp_path / "runs" / "linear__tiny__42.json").read_text())
+    assert record["device"] == "cpu"
+    assert record["train_config"]["precision"] == "bf16" and record["train_config"]["num_workers"] == 0
+
+
+def test_max_train_images_zero_means_every_image(capsys):
+    from recast.cli import main
+    assert main(["bench", "--suite", "effnet", "--dry-run", "--max-train-images", "0", "--methods", "linear"]) == 0
+    assert "training split: every image per task" in capsys.readouterr().out
+    assert main(["bench", "--suite", "effnet", "--dry-run", "--methods", "linear"]) == 0
+    assert "training split: at most 1000 images per task" in capsys.readouterr().out

@@ -17,7 +17,7 @@ from recast.bench.perf import (
     run_pair,
     run_perf,
 )
-from recast.errors import FileFormatError
+from recast.errors import ConfigError, FileFormatError
 
 TINY = {"img_size": 16, "patch_size": 8, "depth": 6, "embed_dim": 32, "num_heads": 2}
 RATIOS = (
@@ -157,3 +157,22 @@ def test_a_switch_generates_the_loaded_weights_into_the_replaced_buffers(tmp_pat
             assert weight.data_ptr() == buffer  # composed into the replaced weight's memory
             assert torch.allclose(weight, compose(layer.bank.templates, layer.coefficients("b")), atol=1e-6)
             assert not torch.allclose(weight, old)
+
+
+def test_bf16_setup_trains_and_evaluates_under_autocast_and_records_its_device():
+    setup = PerfSetup("vit_tiny_patch16_224", TINY, batch=2, repeats=2, warmup=0, threads=1, isolate=False,
+                      precision="bf16")
+    figures = run_perf(setup, progress=False, iterative_steps=3)
+    assert figures["setup"]["precision"] == "bf16" and figures["setup"]["device"] == "cpu"
+    assert figures["setup"]["device_name"] == "cpu" and figures["setup"]["torch"] == torch.__version__
+    memory = figures["setup"]["memory"]["recast-att"]
+    assert memory["measure"] == "peak RSS" and memory["peak_mb"] == memory["peak_rss_mb"]
+    with setup.autocast():
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+
+
+def test_perf_setup_refuses_unknown_precisions_and_devices():
+    with pytest.raises(ValueError, match="precision"):
+        PerfSetup(precision="fp8")
+    with pytest.raises(ConfigError, match="cpu, cuda or cuda:N"):
+        PerfSetup(device="tpu")

@@ -214,6 +214,8 @@ def describe(suite: Suite, runs: list[Run]) -> str:
         if chosen:
             lines.append(f"  {backbone.key} ({backbone.spec}): {', '.join(chosen)}")
     lines.append(f"  seeds: {sorted({r.seed for r in runs})}; training: {suite.train}")
+    images = "every image" if suite.max_train_images is None else f"at most {suite.max_train_images} images"
+    lines.append(f"  training split: {images} per task")
     missing = missing_data(suite)
     lines += [f"  MISSING data root -> {m}" for m in missing] or ["  all data roots present"]
     return "\n".join(lines)

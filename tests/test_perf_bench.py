@@ -9,6 +9,7 @@ from recast.bank import TemplateBank, compose
 from recast.bench.perf import (
     EVAL_PROCESSES,
     EVAL_ROUNDS_FACTOR,
+    SWITCH_PAIRS_FACTOR,
     PerfSetup,
     eval_figures,
     interleaved,
@@ -84,7 +85,7 @@ def test_perf_figures_on_a_tiny_vit():
     for name in PAIRED:
         entry = figures[name]
         assert entry["iqr"][0] <= entry["ratio"] <= entry["iqr"][1] and entry["repeats"] >= 2
-    assert figures["switch_recast_over_peft"]["repeats"] == 4 * setup.repeats
+    assert figures["switch_recast_over_peft"]["repeats"] == SWITCH_PAIRS_FACTOR * setup.repeats
     assert figures["setup"]["threads"] == 1 and figures["setup"]["repeats"] == 2
     trainable = figures["setup"]["trainable_params"]
     assert trainable["recast-att"] == 6 * 2 + 10 * 32 + 10

@@ -372,8 +372,8 @@ class RecastModel(TaskModel):
 def _empty_fit(net: nn.Module, plan: BankPlan, coef_sets: int) -> tuple[Tensor, Tensor]:
     """Zero templates and coefficients of the right shapes (filled from a file afterwards)."""
     weight = net.get_submodule(plan.layers[0]).weight
-    templates = torch.zeros(plan.templates, *weight.shape, dtype=weight.dtype)
-    return templates, torch.zeros(len(plan.layers), coef_sets, plan.templates, dtype=weight.dtype)
+    templates = torch.zeros(plan.templates, *weight.shape, dtype=weight.dtype, device=weight.device)
+    return templates, torch.zeros(len(plan.layers), coef_sets, plan.templates, dtype=weight.dtype, device=weight.device)
 
 
 def _numel(state: dict[str, Tensor], exclude_prefix: str | None = None) -> int:

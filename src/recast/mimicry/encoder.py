@@ -107,7 +107,7 @@ def _fit_encoders(
             mean, log_var = enc(x)  # (L, K, n)
             coefficients = mean
             if log_var is not None:
-                noise = torch.randn(mean.shape, generator=generator)
+                noise = torch.randn(mean.shape, generator=generator).to(mean.device)
                 coefficients = mean + noise * (0.5 * log_var).exp() if torch.is_grad_enabled() else mean
                 loss = loss + beta * kl_to_standard_normal(mean, log_var)
             w_hat = compose(t, coefficients)  # (L, *shape)

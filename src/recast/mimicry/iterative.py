@@ -84,7 +84,7 @@ def run_iterative(
         loss = torch.zeros(())
         for t, c, w, weight in zip(templates, coefficients, targets, weights, strict=True):
             if settings.noise and torch.is_grad_enabled():
-                c = c + settings.noise * torch.randn(c.shape, generator=generator)
+                c = c + settings.noise * torch.randn(c.shape, generator=generator).to(c.device)
             loss = loss + weight_loss(compose(t, c), w, weight)  # compose: (L, *shape)
         return loss, loss.item()
 

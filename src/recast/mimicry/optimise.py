@@ -67,7 +67,7 @@ def random_init(
         templates = torch.randn(n, *shape, generator=generator) * math.sqrt(2.0 / fan)  # (n, *shape)
         coefficients = torch.randn(layers, k, n, generator=generator)  # (L, K, n)
         coefficients = coefficients / coefficients.norm(dim=-1, keepdim=True)
-        results.append(FitResult(templates.to(p.targets.dtype), coefficients.to(p.targets.dtype)))
+        results.append(FitResult(templates.to(p.targets), coefficients.to(p.targets)))  # the targets' dtype and device
     return results
 
 

@@ -35,7 +35,7 @@ def _svd_one(problem: FitProblem, generator: torch.Generator) -> FitResult:
     signs = torch.where(u[:, :rank].sum(0) < 0, -1.0, 1.0).to(torch.float64)  # deterministic signs
     scale = math.sqrt(layers)
     templates = (s[:rank, None] * vh[:rank]) * signs[:, None] / scale  # (rank, D)
-    coefficients = torch.zeros(layers, n, dtype=torch.float64)
+    coefficients = torch.zeros(layers, n, dtype=torch.float64, device=flat.device)
     coefficients[:, :rank] = u[:, :rank] * signs * scale
     if n > rank:
         templates = torch.cat([templates, _spare_directions(vh[:rank], n - rank, flat, generator)])
@@ -46,7 +46,7 @@ def _svd_one(problem: FitProblem, generator: torch.Generator) -> FitResult:
 
 def _spare_directions(basis: Tensor, count: int, flat: Tensor, generator: torch.Generator) -> Tensor:
     """``count`` random unit directions orthogonal to ``basis`` rows, scaled to the RMS norm of the targets."""
-    noise = torch.randn(count, flat.shape[1], generator=generator, dtype=torch.float64)
+    noise = torch.randn(count, flat.shape[1], generator=generator, dtype=torch.float64).to(flat.device)  # CPU stream: same draws on every device
     if basis.numel():
         noise = noise - (noise @ basis.T) @ basis
     q, _ = torch.linalg.qr(noise.T)  # (D, count), orthonormal columns

@@ -10,6 +10,9 @@
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -135,3 +138,13 @@ def test_imports_inside_functions_are_few_and_explained() -> None:
                         inner.append((f"{module}:{node.lineno}", "#" in here or before.startswith("#")))
     assert len(inner) <= MAX_INNER_IMPORTS, f"{len(inner)} imports inside functions: {[m for m, _ in inner]}"
     assert all(explained for _, explained in inner), [m for m, ok in inner if not ok]
+
+
+def test_the_command_line_starts_without_peft_or_the_web_stack() -> None:
+    """``recast --help`` (and every command but the ones that need them) must not load PEFT,
+    transformers, FastAPI or uvicorn: seconds of start-up, and absent on machines that only train."""
+    code = ("import sys; from recast.cli import build_parser; build_parser(); "
+            "print(','.join(m for m in ('peft', 'transformers', 'fastapi', 'uvicorn') if m in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": str(ROOT.parent)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert result.stdout.strip() == ""

@@ -38,7 +38,6 @@ from typing import Any
 import numpy as np
 import safetensors.torch
 import torch
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from torch import nn
 
 from recast.config import RecastConfig
@@ -221,6 +220,10 @@ def size_comparison(
     model.add_task("task", num_classes)
     recast_bytes = {d: len(packed_task_blob(model, "task", d)) for d in DTYPES}
     plain = model.export("task")  # the base architecture with a num_classes head, as LoRA would use it
+    # Deferred: PEFT (and the transformers it loads, about a second) is needed by this comparison
+    # only, not by every command whose module imports the edge benchmark.
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["qkv"], modules_to_save=[model.head_name])
     state = get_peft_model_state_dict(get_peft_model(plain, config))
     lora_bytes = len(safetensors.torch.save({k: v.contiguous() for k, v in state.items()}))

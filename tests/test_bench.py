@@ -187,3 +187,26 @@ def test_max_train_images_zero_means_every_image(capsys):
     assert "training split: every image per task" in capsys.readouterr().out
     assert main(["bench", "--suite", "effnet", "--dry-run", "--methods", "linear"]) == 0
     assert "training split: at most 1000 images per task" in capsys.readouterr().out
+
+
+def test_widening_a_grid_scores_only_the_new_points_under_the_same_setup(tiny_suite, tmp_path, monkeypatch):
+    from recast.bench import tuning
+    scored = []
+    real = tuning.validation_score
+
+    def counting(suite, run, options, device="cpu"):
+        scored.append(dict(options))
+        return real(suite, run, options, device)
+
+    monkeypatch.setattr(tuning, "validation_score", counting)
+    suite = replace(tiny_suite, train={**tiny_suite.train, "epochs": 1})
+    run = bench.plan(suite, methods=["linear"])[0]
+    first = tuning.tune(suite, run, tmp_path, grid={"head": (1e-3, 5e-2)}, log=lambda _: None)
+    assert len(scored) == 2 and first["setup"] == tuning.tuning_setup(suite, run)
+    logs = []
+    wider = tuning.tune(suite, run, tmp_path, grid={"head": (1e-3, 5e-2, 1e-1)}, log=logs.append)
+    assert scored[2:] == [{"head_lr": 1e-1}]  # only the new point ran
+    assert wider["scores"][:2] == first["scores"] and sum("kept from the earlier grid" in line for line in logs) == 2
+    changed = replace(suite, train={**suite.train, "epochs": 2})  # another setup: nothing is reused
+    tuning.tune(changed, run, tmp_path, grid={"head": (1e-3, 5e-2, 1e-1, 2e-1)}, log=lambda _: None)
+    assert len(scored) == 3 + 4

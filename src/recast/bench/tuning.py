@@ -13,6 +13,7 @@ Learning rates are per kind of trained state: ``head``, ``coefficients`` (RECAST
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,29 @@ def tuning_file(out: Path, run: Run) -> Path:
     return out / "tuning" / (file_stem(f"{run.method}__{run.backbone.key}") + ".json")
 
 
+def tuning_setup(suite: Suite, run: Run) -> dict[str, Any]:
+    """Everything besides the learning rates that a validation score depends on, as JSON values.
+
+    A scored point is reused only under an equal setup: the suite's training options, its tasks and
+    training-split size, the backbone and the method's options.
+    """
+    setup = {"train": dict(suite.train), "max_train_images": suite.max_train_images,
+             "tasks": [[t.name, t.data, t.hflip] for t in suite.tasks], "backbone": run.backbone.spec,
+             "method_options": run.backbone.options.get(run.method, {})}
+    return json.loads(json.dumps(setup, sort_keys=True))
+
+
+def _earlier_scores(record: Any, seed: int, setup: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The scored points of an earlier record made under the same seed and setup, by point."""
+    if not isinstance(record, dict) or record.get("seed") != seed or record.get("setup") != setup:
+        return {}
+    return {_point_key(s["lrs"]): s for s in record.get("scores", []) if isinstance(s, dict) and "lrs" in s}
+
+
+def _point_key(point: Mapping[str, float]) -> str:
+    return json.dumps(dict(point), sort_keys=True)
+
+
 def tune(
     suite: Suite, run: Run, out: Path, *, grid: Mapping[str, Sequence[float]] | None = None, resume: bool = True,
     log: Callable[[str], None] = print, device: str = "cpu",
@@ -109,24 +133,31 @@ def tune(
     """Choose ``run``'s learning rates by validation accuracy on ``run``'s seed (the first seed).
 
     Returns the tuning record: ``grid`` (the points tried), ``scores`` (each point's validation
-    accuracies), ``chosen`` (``{kind: lr}``), ``options`` (as method options) and ``seed``. A record
-    already in ``out/tuning/`` for the same grid is reused when ``resume``.
+    accuracies), ``chosen`` (``{kind: lr}``), ``options`` (as method options), ``seed`` and
+    ``setup`` (:func:`tuning_setup`). A record already in ``out/tuning/`` for the same grid is reused
+    when ``resume``; for a grid that adds points to it, made under the same seed and setup, only
+    the new points are scored (widening a grid does not rerun the points it had).
     """
     points = grid_points(run.method, grid)
     path = tuning_file(out, run)
+    setup = tuning_setup(suite, run)
+    earlier: dict[str, dict[str, Any]] = {}
     if resume and path.is_file():
         record = read_json(path)
         if isinstance(record, dict) and record.get("grid") == points and record.get("seed") == run.seed:
             log(f"  tune {run.method} / {run.backbone.key}: kept {record['chosen']} from {path}")
             return record
+        earlier = _earlier_scores(record, run.seed, setup)
     scores = []
     for index, point in enumerate(points if len(points) > 1 else [], 1):  # one point: nothing to choose between
-        score = validation_score(suite, run, method_options(point), device)
-        scores.append({"lrs": point, **score})
+        score = earlier.get(_point_key(point)) or {"lrs": point, **validation_score(suite, run, method_options(point),
+                                                                                      device)}
+        scores.append(score)
+        kept = " (kept from the earlier grid)" if _point_key(point) in earlier else ""
         log(f"  tune {run.method} / {run.backbone.key} [{index}/{len(points)}] {point}: "
-            f"validation {score['val_accuracy']:.4f}")
+            f"validation {score['val_accuracy']:.4f}{kept}")
     best = max(scores, key=lambda s: s["val_accuracy"])["lrs"] if scores else points[0]  # ties: the grid's order
     record = {"method": run.method, "backbone": run.backbone.key, "seed": run.seed, "selected_on": "validation",
-              "grid": points, "scores": scores, "chosen": best, "options": method_options(best)}
+              "grid": points, "scores": scores, "chosen": best, "options": method_options(best), "setup": setup}
     atomic_write_json(path, record)
     return record

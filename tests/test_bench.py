@@ -210,3 +210,18 @@ def test_widening_a_grid_scores_only_the_new_points_under_the_same_setup(tiny_su
     changed = replace(suite, train={**suite.train, "epochs": 2})  # another setup: nothing is reused
     tuning.tune(changed, run, tmp_path, grid={"head": (1e-3, 5e-2, 1e-1, 2e-1)}, log=lambda _: None)
     assert len(scored) == 3 + 4
+
+
+def test_a_finished_tuned_run_is_rerun_only_when_the_chosen_rates_change(tiny_suite, tmp_path):
+    suite = replace(tiny_suite, train={**tiny_suite.train, "epochs": 1})
+    runs = bench.plan(suite, methods=["linear"])
+    out = tmp_path / "results"
+    bench.run_suite(suite, runs, out, tune_lrs=True, grid={"head": (5e-2,)}, log=lambda _: None)
+    logs = []
+    bench.run_suite(suite, runs, out, tune_lrs=True, grid={"head": (5e-2,)}, log=logs.append)
+    assert any("already done with these learning rates, kept" in line for line in logs)
+    logs = []
+    bench.run_suite(suite, runs, out, tune_lrs=True, grid={"head": (1e-3,)}, log=logs.append)
+    assert any("done with other learning rates" in line and "rerun" in line for line in logs)
+    record = json.loads((out / "runs" / runs[0].file_name).read_text())
+    assert record["tuning"]["chosen"] == {"head": 1e-3}

@@ -19,7 +19,7 @@ from recast.bench.report import write_report
 from recast.bench.suites import Run, Suite, load_base, method_name, open_tasks, run_config
 from recast.bench.tuning import tune
 from recast.distributed import DistContext
-from recast.io import atomic_write_json
+from recast.io import atomic_write_json, read_json
 from recast.methods import build_method
 from recast.train import (
     SequenceTask,
@@ -76,6 +76,13 @@ def run_one(
     return record
 
 
+def _trained_with(path: Path, tuning: dict[str, Any] | None) -> bool:
+    """Whether the finished run at ``path`` used the learning rates ``tuning`` chose."""
+    record = read_json(path)
+    earlier = record.get("tuning") if isinstance(record, dict) else None
+    return tuning is None or (isinstance(earlier, dict) and earlier.get("chosen") == tuning["chosen"])
+
+
 def device_label(device: str) -> str:
     """What a run file records as its device: ``cpu``, or the GPU's name (e.g. ``cuda (NVIDIA H200)``)."""
     if device == "cpu":
@@ -90,6 +97,9 @@ def run_suite(
 ) -> Path:
     """Every run (skipping those whose result file exists when ``resume``), then the report.
 
+    Under ``tune_lrs`` a finished run is kept only when it used the learning rates chosen now: a
+    widened grid that chooses other rates reruns it.
+
     With ``tune_lrs`` each (method, backbone) first has its learning rates chosen from ``grid``
     by validation accuracy on the suite's first seed, also when only later seeds run
     (:mod:`recast.bench.tuning`); its runs then use them.
@@ -97,15 +107,21 @@ def run_suite(
     out = Path(out)
     chosen: dict[tuple[str, str], dict[str, Any]] = {}
     for index, run in enumerate(runs, 1):
-        if resume and (out / "runs" / run.file_name).exists():
+        key = (run.method, run.backbone.key)
+        done = out / "runs" / run.file_name
+        if resume and done.exists() and not tune_lrs:
             log(f"[{index}/{len(runs)}] {run.file_name}: already done, kept")
             continue
-        key = (run.method, run.backbone.key)
         if tune_lrs and key not in chosen:
             first = Run(run.method, run.backbone, suite.seeds[0])  # the suite's first seed, even with --seeds
             log(f"tuning {run.method} on {run.backbone.key}: learning rates by validation accuracy, seed {first.seed}")
             chosen[key] = tune(suite, first, out, grid=grid, resume=resume, log=log, device=device)
         tuning = chosen.get(key)
+        if resume and done.exists():
+            if _trained_with(done, tuning):
+                log(f"[{index}/{len(runs)}] {run.file_name}: already done with these learning rates, kept")
+                continue
+            log(f"[{index}/{len(runs)}] {run.file_name}: done with other learning rates than {tuning['chosen']}, rerun")
         log(f"[{index}/{len(runs)}] {run.method} on {run.backbone.key}, seed {run.seed}"
             + (f", learning rates {tuning['chosen']}" if tuning else ""))
         run_one(suite, run, out, progress=progress, log=log, options=tuning["options"] if tuning else None,

@@ -1,6 +1,6 @@
 """``recast pack``, ``recast export --onnx`` and ``recast edge-bench``: tasks for devices.
 
-- ``pack``: one task as a compact task file (fp16, or int8 head with per-row scales).
+- ``pack``: one task as a compact task file (fp16, or int8 head with per-row scales; coefficients fp32).
 - ``export --onnx``: one ONNX graph for every task plus the task files, or one task's plain graph.
 - ``edge-bench``: ONNX Runtime latency, task switch, bytes and packed accuracy, JSON under results/edge/.
 """
@@ -36,8 +36,9 @@ def _register_pack(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "pack", help="write one task as a compact task file (fp16 or int8)",
         description="Write task NAME of model directory DIR as one safetensors task file with its tensors in "
-        "fp16, or int8 with one scale per row for 2-D tensors (the head) and fp16 for the rest (the "
-        "coefficients, biases). The file keeps the task file's metadata (format, version, backbone "
+        "fp16, or int8 with one scale per row for 2-D tensors (the head; each scale chosen for the least "
+        "rounding error) and fp16 for the rest (biases). The coefficients stay fp32 in every dtype: a few "
+        "hundred bytes at most, and their rounding would move every generated weight. The file keeps the task file's metadata (format, version, backbone "
         "fingerprint, task) and adds its dtype; devices and recast dequantise it to float32 on load.",
     )
     parser.add_argument("directory", metavar="DIR", help="the model directory")

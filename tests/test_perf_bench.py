@@ -9,15 +9,17 @@ from recast.bank import TemplateBank, compose
 from recast.bench.perf import (
     EVAL_PROCESSES,
     EVAL_ROUNDS_FACTOR,
+    MIMICRY_PROCESSES,
     SWITCH_PAIRS_FACTOR,
+    TRAIN_PROCESSES,
     PerfSetup,
     eval_figures,
-    interleaved,
-    paired_ratio,
+    mimicry_figures,
     run_memory,
     run_pair,
     run_perf,
 )
+from recast.bench.timing import interleaved, paired_ratio, rounds_per_process
 from recast.errors import ConfigError, FileFormatError
 
 TINY = {"img_size": 16, "patch_size": 8, "depth": 6, "embed_dim": 32, "num_heads": 2}
@@ -52,7 +54,8 @@ def test_interleaved_alternates_the_order_after_the_warm_up():
 def test_pair_worker_process_times_both_methods_interleaved():
     setup = PerfSetup("vit_tiny_patch16_224", TINY, batch=2, repeats=3, warmup=1, threads=1)
     figures = run_pair("recast-att", "lora", setup)
-    assert len(figures["a_times"]) == len(figures["b_times"]) == 3
+    assert figures["processes"] == TRAIN_PROCESSES  # rounds split over fresh processes and pooled
+    assert len(figures["a_times"]) == len(figures["b_times"]) == TRAIN_PROCESSES * rounds_per_process(3, TRAIN_PROCESSES)
     assert min(figures["a_times"] + figures["b_times"]) > 0 and figures["threads"] == 1
     assert figures["trainable_params"][0] == 6 * 2 + 10 * 32 + 10  # G=6: n=1 per bank, K=2
 
@@ -62,10 +65,22 @@ def test_eval_worker_process_times_recast_export_and_base_interleaved():
     figures = eval_figures(setup)
     for name in ("eval_recast_over_base", "eval_export_over_base"):
         entry = figures[name]
-        per_process = -(-EVAL_ROUNDS_FACTOR * setup.repeats // EVAL_PROCESSES)
+        per_process = rounds_per_process(EVAL_ROUNDS_FACTOR * setup.repeats, EVAL_PROCESSES)
         assert entry["processes"] == EVAL_PROCESSES and entry["repeats"] == EVAL_PROCESSES * per_process
         assert entry["a"] > 0 and entry["b"] > 0 and entry["iqr"][0] <= entry["ratio"] <= entry["iqr"][1]
     assert figures["eval_recast_over_base"]["b"] == figures["eval_export_over_base"]["b"]  # one base, timed once per round
+
+
+def test_mimicry_fits_are_timed_in_fresh_processes_and_pooled():
+    setup = PerfSetup("vit_tiny_patch16_224", TINY, batch=2, repeats=1, warmup=0, threads=1)
+    figure = mimicry_figures(setup, iterative_steps=3, svd_repeats=2)["mimicry_svd_over_iterative"]
+    assert figure["processes"] == MIMICRY_PROCESSES and len(figure["iterative_times"]) == MIMICRY_PROCESSES
+    assert figure["svd_repeats"] == len(figure["svd_times"]) == 2 * MIMICRY_PROCESSES
+    assert figure["ratio"] == pytest.approx(figure["a"] / figure["b"]) and figure["b"] in figure["iterative_times"]
+
+
+def test_rounds_per_process_covers_the_total():
+    assert rounds_per_process(10, 3) == 4 and rounds_per_process(9, 3) == 3 and rounds_per_process(1, 6) == 1
 
 
 def test_memory_workers_load_only_their_own_method_libraries():

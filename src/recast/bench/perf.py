@@ -5,13 +5,14 @@ run alternately (A B, then B A, ... so a slow drift of the machine hits both sid
 pair gives one ratio, and the figure is the median of those per-pair ratios with its interquartile
 range and the number of pairs. Both sides' median absolute times are reported beside it.
 
-Each training-step pair is timed in a fresh worker process (this file run with ``--pair A B``; it
-loads neither the rest of ``recast.bench`` nor PEFT unless a side is LoRA) that builds the two models
-and does nothing else; peak memory is measured in one more fresh process per method (``--memory
+Each training-step pair is timed in ``TRAIN_PROCESSES`` fresh worker processes (this file run with
+``--pair A B``; it loads neither the rest of ``recast.bench`` nor PEFT unless a side is LoRA) that
+build the two models and do nothing else, their rounds pooled (:mod:`recast.bench.timing` says why);
+peak memory is measured in one more fresh process per method (``--memory
 METHOD``) so that one method's allocations cannot inflate another's peak (peak RSS over building the
 model and two training steps; beside it, the training-only increment: that peak minus the resident
-memory just before training), and the evaluation forwards in three more (``--eval ROUNDS``), whose
-pairs are pooled. The torch thread count is fixed (``PerfSetup.threads``, set in every process) and
+memory just before training), the evaluation forwards in ``EVAL_PROCESSES`` more (``--eval ROUNDS``)
+and the two mimicry fits in ``MIMICRY_PROCESSES`` more (``--mimicry STEPS``), each pooled. The torch thread count is fixed (``PerfSetup.threads``, set in every process) and
 recorded.
 The backbone is timm ``vit_small_patch16_224`` at 224 px by default (random weights: speed does not
 depend on their values) and the batch is the same for all.
@@ -35,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from recast.bench.timing import interleaved, paired_ratio, ratio, rounds_per_process
 from recast.config import RecastConfig
 from recast.distributed import check_device
 from recast.format import task_records
@@ -62,6 +64,8 @@ EVAL_ROUNDS_FACTOR = 3  # evaluation rounds per setup repeat (a ViT-S forward of
 # Fresh processes the evaluation rounds are split over: each process's memory placement biases all of
 # its pairs alike (three processes left the ratio 4% apart between runs), so more, shorter processes.
 EVAL_PROCESSES = 6
+TRAIN_PROCESSES = 3  # fresh processes a training-step pair is split over (one left att+mlp/full 5% apart between runs)
+MIMICRY_PROCESSES = 3  # fresh processes that each time both mimicry fits (the SVD side moved 34% with the process)
 SWITCH_PAIRS_FACTOR = 10  # switch pairs per setup repeat: each pair takes ~30 ms, and 40 left runs 8% apart
 MEMORY_PAIRS = {
     "peak_mem_recast_over_lora": ("recast-att", "lora"),
@@ -124,51 +128,6 @@ class PerfSetup:
             torch.cuda.synchronize(self.device)
 
 
-def _quantile(sorted_values: Sequence[float], q: float) -> float:
-    """Linear-interpolated quantile of already sorted values."""
-    position = q * (len(sorted_values) - 1)
-    low = int(position)
-    high = min(low + 1, len(sorted_values) - 1)
-    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
-
-
-def paired_ratio(a_times: Sequence[float], b_times: Sequence[float], unit: str = "s") -> dict[str, Any]:
-    """The median of per-pair ratios ``a[i] / b[i]``, its interquartile range and both medians."""
-    if len(a_times) != len(b_times) or not a_times:
-        raise ValueError("paired_ratio needs as many A as B measurements, at least one")
-    ratios = sorted(a / b for a, b in zip(a_times, b_times, strict=True))
-    q1, q3 = _quantile(ratios, 0.25), _quantile(ratios, 0.75)
-    middle = statistics.median(ratios)
-    return {"ratio": middle, "iqr": [q1, q3], "iqr_rel": (q3 - q1) / middle, "repeats": len(ratios),
-            "a": statistics.median(a_times), "b": statistics.median(b_times), "unit": unit}
-
-
-def interleaved(sides: Sequence[Callable[[], Any]], repeats: int, warmup: int) -> list[list[float]]:
-    """Seconds of each side per round: ``warmup`` untimed calls each, then ``repeats`` rounds.
-
-    Rounds alternate the order (A B, B A, A B, ...) so that whatever the machine does meanwhile
-    falls on every side alike; the result has one list of ``repeats`` times per side.
-    """
-    for _ in range(warmup):
-        for side in sides:
-            side()
-    times: list[list[float]] = [[] for _ in sides]
-    gc.collect()  # a collection inside a timed call would land on whichever side allocated last
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for round_ in range(repeats):
-            order = range(len(sides)) if round_ % 2 == 0 else reversed(range(len(sides)))
-            for index in order:
-                start = time.perf_counter()
-                sides[index]()
-                times[index].append(time.perf_counter() - start)
-    finally:
-        if was_enabled:
-            gc.enable()
-    return times
-
-
 def _lora(base: nn.Module, rank: int = 8) -> nn.Module:
     """PEFT LoRA on the fused qkv (r=8), with the head trainable as PEFT users do."""
     # Deferred: PEFT (and the transformers it loads, ~70 MB resident) is the LoRA side's own cost,
@@ -214,12 +173,12 @@ def train_step(model: nn.Module, setup: PerfSetup) -> Callable[[], None]:
     return step
 
 
-def pair_worker(a: str, b: str, setup: PerfSetup) -> dict[str, Any]:
-    """Run in a fresh process: interleaved training-step times of methods ``a`` and ``b``."""
+def pair_worker(a: str, b: str, setup: PerfSetup, rounds: int | None = None) -> dict[str, Any]:
+    """Run in a fresh process: ``rounds`` (default ``setup.repeats``) interleaved training-step times of ``a`` and ``b``."""
     torch.set_num_threads(setup.threads)
     torch.manual_seed(0)
     models = [build_for_training(method, setup) for method in (a, b)]
-    a_times, b_times = interleaved([train_step(m, setup) for m in models], setup.repeats, setup.warmup)
+    a_times, b_times = interleaved([train_step(m, setup) for m in models], rounds or setup.repeats, setup.warmup)
     trainable = [sum(p.numel() for p in m.parameters() if p.requires_grad) for m in models]
     return {"a_times": a_times, "b_times": b_times, "trainable_params": trainable, "threads": torch.get_num_threads()}
 
@@ -305,18 +264,20 @@ def _in_worker(args: list[str], setup: PerfSetup) -> dict[str, Any]:
 
 
 def run_pair(a: str, b: str, setup: PerfSetup) -> dict[str, Any]:
-    """Interleaved training-step times of ``a`` and ``b`` (in a fresh process when isolating)."""
-    return _in_worker(["--pair", a, b], setup) if setup.isolate else pair_worker(a, b, setup)
+    """Interleaved training-step times of ``a`` and ``b``: ``setup.repeats`` rounds or more, split over
+    ``TRAIN_PROCESSES`` fresh processes and pooled when isolating (in this process otherwise)."""
+    if not setup.isolate:
+        return {**pair_worker(a, b, setup), "processes": 1}
+    rounds = rounds_per_process(setup.repeats, TRAIN_PROCESSES)
+    parts = [_in_worker(["--pair", a, b, "--rounds", str(rounds)], setup) for _ in range(TRAIN_PROCESSES)]
+    return {"a_times": [t for part in parts for t in part["a_times"]],
+            "b_times": [t for part in parts for t in part["b_times"]],
+            "trainable_params": parts[0]["trainable_params"], "threads": parts[0]["threads"], "processes": len(parts)}
 
 
 def run_memory(method: str, setup: PerfSetup) -> dict[str, Any]:
     """Peak memory of ``method``'s training (in a fresh process when isolating)."""
     return _in_worker(["--memory", method], setup) if setup.isolate else memory_worker(method, setup)
-
-
-def ratio(a: float, b: float, unit: str) -> dict[str, Any]:
-    """A over B with both figures (one measurement each: no spread)."""
-    return {"ratio": a / b, "a": a, "b": b, "unit": unit, "repeats": 1}
 
 
 def switch_figures(setup: PerfSetup) -> dict[str, Any]:
@@ -393,7 +354,7 @@ def eval_figures(setup: PerfSetup) -> dict[str, Any]:
     if not setup.isolate:
         parts = [eval_worker(setup, total)]
     else:
-        per_process = -(-total // EVAL_PROCESSES)
+        per_process = rounds_per_process(total, EVAL_PROCESSES)
         parts = [_in_worker(["--eval", str(per_process)], setup) for _ in range(EVAL_PROCESSES)]
     times = {key: [t for part in parts for t in part[key]] for key in ("base_s", "recast_s", "export_s")}
     figures = {"eval_recast_over_base": paired_ratio(times["recast_s"], times["base_s"]),
@@ -403,12 +364,10 @@ def eval_figures(setup: PerfSetup) -> dict[str, Any]:
     return figures
 
 
-def mimicry_figures(setup: PerfSetup, iterative_steps: int = 1000, svd_repeats: int = 5) -> dict[str, Any]:
-    """Closed-form SVD mimicry against the paper's iterative fit (its 1000 steps by default).
-
-    One timing of the sub-second SVD fit moved the ratio 2x between runs: it is timed ``svd_repeats``
-    times after one untimed call (the median counts); the iterative fit, far longer, once.
-    """
+def mimicry_worker(setup: PerfSetup, iterative_steps: int, svd_repeats: int) -> dict[str, Any]:
+    """Run in a fresh process: ``svd_repeats`` timings of the closed-form SVD fit (after one untimed
+    call, the first use of the LAPACK / cuSOLVER kernels) and one of the iterative fit."""
+    torch.set_num_threads(setup.threads)
     base = setup.base()
 
     def fit(method: str, **options: Any) -> tuple[float, RecastModel]:
@@ -418,16 +377,32 @@ def mimicry_figures(setup: PerfSetup, iterative_steps: int = 1000, svd_repeats: 
         setup.sync()
         return time.perf_counter() - start, model
 
-    fit("svd")  # warm-up: first use of the LAPACK / cuSOLVER kernels
+    fit("svd")
     svd_times = [fit("svd")[0] for _ in range(svd_repeats - 1)]  # each model freed before the next fit
     seconds, svd_model = fit("svd")
-    svd_times.append(seconds)
     iterative_seconds, iterative_model = fit("iterative", steps=iterative_steps)
-    figure = ratio(statistics.median(svd_times), iterative_seconds, "s")
-    figure.update({"svd_weight_rel_error": svd_model.mimicry_report["weight_rel_error"],
-                   "iterative_weight_rel_error": iterative_model.mimicry_report["weight_rel_error"],
-                   "svd_repeats": svd_repeats, "svd_times": svd_times,
-                   "iterative_steps": iterative_steps, "paper_iterative_steps": 1000})
+    return {"svd_times": [*svd_times, seconds], "iterative_s": iterative_seconds,
+            "svd_weight_rel_error": svd_model.mimicry_report["weight_rel_error"],
+            "iterative_weight_rel_error": iterative_model.mimicry_report["weight_rel_error"]}
+
+
+def mimicry_figures(setup: PerfSetup, iterative_steps: int = 1000, svd_repeats: int = 5) -> dict[str, Any]:
+    """Closed-form SVD mimicry against the paper's iterative fit (its 1000 steps by default).
+
+    The sub-second SVD fit moved the ratio by a third between runs, all of a process's timings
+    alike: each of ``MIMICRY_PROCESSES`` fresh processes (when isolating) times both fits, and the
+    ratio is the median of every SVD timing over the median iterative fit.
+    """
+    args = ["--mimicry", str(iterative_steps), "--svd-repeats", str(svd_repeats)]
+    parts = ([_in_worker(args, setup) for _ in range(MIMICRY_PROCESSES)] if setup.isolate
+             else [mimicry_worker(setup, iterative_steps, svd_repeats)])
+    svd_times = [t for part in parts for t in part["svd_times"]]
+    iterative_times = [part["iterative_s"] for part in parts]
+    figure = ratio(statistics.median(svd_times), statistics.median(iterative_times), "s")
+    figure.update({"svd_weight_rel_error": parts[0]["svd_weight_rel_error"],
+                   "iterative_weight_rel_error": parts[0]["iterative_weight_rel_error"],
+                   "svd_repeats": len(svd_times), "svd_times": svd_times, "iterative_times": iterative_times,
+                   "processes": len(parts), "iterative_steps": iterative_steps, "paper_iterative_steps": 1000})
     return {"mimicry_svd_over_iterative": figure}
 
 
@@ -453,7 +428,8 @@ def _all_figures(setup: PerfSetup, progress: bool, iterative_steps: int) -> dict
         say(f"training steps, interleaved: {a} vs {b} ({setup.model}, {setup.image_size} px, batch {setup.batch}, "
             f"{setup.repeats} pairs, {setup.threads} thread(s))")
         pairs[name] = run_pair(a, b, setup)
-        figures[name] = paired_ratio(pairs[name]["a_times"], pairs[name]["b_times"])
+        figures[name] = {**paired_ratio(pairs[name]["a_times"], pairs[name]["b_times"]),
+                         "processes": pairs[name]["processes"]}
     memory: dict[str, Any] = {}
     for method in dict.fromkeys(m for pair in MEMORY_PAIRS.values() for m in pair):
         say(f"peak memory: {method}")
@@ -479,19 +455,25 @@ def _all_figures(setup: PerfSetup, progress: bool, iterative_steps: int) -> dict
 
 
 def main() -> None:
-    """Worker entry point (``python recast/bench/perf.py --pair A B``, ``--memory METHOD`` or ``--eval ROUNDS``)."""
+    """Worker entry point (``python recast/bench/perf.py --pair A B``, ``--memory METHOD``, ``--eval ROUNDS``
+    or ``--mimicry STEPS``)."""
     parser = argparse.ArgumentParser(description="one measurement of recast bench --perf, in a fresh process")
     task = parser.add_mutually_exclusive_group(required=True)
     task.add_argument("--pair", nargs=2, choices=WORKER_METHODS, metavar="METHOD", help="interleaved step times of A and B")
     task.add_argument("--memory", choices=WORKER_METHODS, help="peak memory of one method's training")
     task.add_argument("--eval", type=int, metavar="ROUNDS", help="interleaved evaluation forwards of RECAST, export and base")
+    task.add_argument("--mimicry", type=int, metavar="STEPS", help="SVD fit timings and one iterative fit of STEPS")
+    parser.add_argument("--rounds", type=int, help="rounds of --pair (default: the setup's repeats)")
+    parser.add_argument("--svd-repeats", type=int, default=5, help="timed SVD fits of --mimicry")
     parser.add_argument("--setup", default="{}", help="PerfSetup fields as JSON")
     args = parser.parse_args()
     setup = PerfSetup(**json.loads(args.setup))
     if args.eval is not None:
         figures = eval_worker(setup, args.eval)
+    elif args.mimicry is not None:
+        figures = mimicry_worker(setup, args.mimicry, args.svd_repeats)
     else:
-        figures = pair_worker(*args.pair, setup) if args.pair else memory_worker(args.memory, setup)
+        figures = pair_worker(*args.pair, setup, args.rounds) if args.pair else memory_worker(args.memory, setup)
     print(json.dumps(figures))
 
 

@@ -164,7 +164,8 @@ def _format_perf(figures: dict) -> str:
     for name, entry in figures.items():
         if isinstance(entry, dict) and "ratio" in entry:
             spread = f"IQR {entry['iqr'][0]:.3f}-{entry['iqr'][1]:.3f}, " if "iqr" in entry else ""
-            lines.append(f"{name:40s} {entry['ratio']:8.3f}   ({spread}n={entry['repeats']}; "
+            where = f" in {entry['processes']} processes" if entry.get("processes", 1) > 1 else ""
+            lines.append(f"{name:40s} {entry['ratio']:8.3f}   ({spread}n={entry['repeats']}{where}; "
                          f"{entry['a']:.4g} {entry['unit']} / {entry['b']:.4g} {entry['unit']})")
     setup = figures.get("setup", {})
     lines.append(f"torch threads: {setup.get('threads')}; ratios are medians of interleaved A/B pairs")

@@ -1,0 +1,74 @@
+"""Timing A against B: interleaved rounds, per-pair ratios with their spread, pooled processes.
+
+The rules ``recast bench --perf`` measures by, kept apart from what it measures:
+
+- :func:`interleaved` runs the sides in turn after a warm-up, alternating the order each round, so
+  that a drift of the machine falls on every side alike.
+- :func:`paired_ratio` is the median of per-round ratios, with its interquartile range.
+- :func:`rounds_per_process` splits rounds over fresh processes: where a process's allocator
+  places each model's weights biases every round of that process alike (the same pair of models
+  measured 0.93 in one process and 0.98 in another), so figures pool several short processes.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+
+def _quantile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear-interpolated quantile of already sorted values."""
+    position = q * (len(sorted_values) - 1)
+    low = int(position)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+
+
+def paired_ratio(a_times: Sequence[float], b_times: Sequence[float], unit: str = "s") -> dict[str, Any]:
+    """The median of per-pair ratios ``a[i] / b[i]``, its interquartile range and both medians."""
+    if len(a_times) != len(b_times) or not a_times:
+        raise ValueError("paired_ratio needs as many A as B measurements, at least one")
+    ratios = sorted(a / b for a, b in zip(a_times, b_times, strict=True))
+    q1, q3 = _quantile(ratios, 0.25), _quantile(ratios, 0.75)
+    middle = statistics.median(ratios)
+    return {"ratio": middle, "iqr": [q1, q3], "iqr_rel": (q3 - q1) / middle, "repeats": len(ratios),
+            "a": statistics.median(a_times), "b": statistics.median(b_times), "unit": unit}
+
+
+def interleaved(sides: Sequence[Callable[[], Any]], repeats: int, warmup: int) -> list[list[float]]:
+    """Seconds of each side per round: ``warmup`` untimed calls each, then ``repeats`` rounds.
+
+    Rounds alternate the order (A B, B A, A B, ...) so that whatever the machine does meanwhile
+    falls on every side alike; the result has one list of ``repeats`` times per side.
+    """
+    for _ in range(warmup):
+        for side in sides:
+            side()
+    times: list[list[float]] = [[] for _ in sides]
+    gc.collect()  # a collection inside a timed call would land on whichever side allocated last
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for round_ in range(repeats):
+            order = range(len(sides)) if round_ % 2 == 0 else reversed(range(len(sides)))
+            for index in order:
+                start = time.perf_counter()
+                sides[index]()
+                times[index].append(time.perf_counter() - start)
+    finally:
+        if was_enabled:
+            gc.enable()
+    return times
+
+
+def ratio(a: float, b: float, unit: str) -> dict[str, Any]:
+    """A over B with both figures (one measurement each: no spread)."""
+    return {"ratio": a / b, "a": a, "b": b, "unit": unit, "repeats": 1}
+
+
+def rounds_per_process(total: int, processes: int) -> int:
+    """Rounds each of ``processes`` fresh processes runs so that together they run at least ``total``."""
+    return -(-total // processes)

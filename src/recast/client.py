@@ -90,6 +90,21 @@ class Client:
         self.close()
 
 
+def parse_server_timing(value: str) -> dict[str, float]:
+    """``{stage: ms}`` from a ``Server-Timing`` header (``name;dur=1.5, ...``); entries without a duration are skipped."""
+    stages: dict[str, float] = {}
+    for entry in value.split(","):
+        name, *params = (part.strip() for part in entry.split(";"))
+        for param in params:
+            key, _, number = param.partition("=")
+            if key == "dur" and name:
+                try:
+                    stages[name] = float(number)
+                except ValueError:
+                    continue
+    return stages
+
+
 class AsyncClient:
     """Asynchronous client (one connection pool for many concurrent requests)."""
 
@@ -99,8 +114,14 @@ class AsyncClient:
 
     async def predict(self, task: str, images: Sequence[ImageInput], top_k: int | None = None) -> list[dict[str, Any]]:
         """As :meth:`Client.predict`."""
+        return (await self.predict_timed(task, images, top_k))[0]
+
+    async def predict_timed(
+        self, task: str, images: Sequence[ImageInput], top_k: int | None = None
+    ) -> tuple[list[dict[str, Any]], dict[str, float]]:
+        """As :meth:`predict`, with the server's time per stage in ms (its ``Server-Timing`` header)."""
         response = await self._http.post("/v1/predict", data=_form(task, top_k), files=_files(images))
-        return _answer(response)["predictions"]
+        return _answer(response)["predictions"], parse_server_timing(response.headers.get("server-timing", ""))
 
     async def tasks(self) -> list[dict[str, Any]]:
         return _answer(await self._http.get("/v1/tasks"))["tasks"]

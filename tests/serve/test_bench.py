@@ -34,6 +34,9 @@ def test_load_driver_counts_every_request(server) -> None:
     assert result["completed"] == 9 and result["failed"] == 0
     assert 0 < result["p50_ms"] <= result["p95_ms"] <= result["p99_ms"]
     assert result["throughput_rps"] > 0
+    stages = result["stages_ms"]  # from each answer's Server-Timing header
+    assert set(stages) == {"read", "decode", "queue", "forward", "answer", "total", "outside_server"}
+    assert 0 < stages["forward"]["p50_ms"] <= stages["total"]["p99_ms"] <= result["p99_ms"]
 
 
 def test_load_driver_in_its_own_process(server) -> None:

@@ -13,7 +13,7 @@ import torch
 
 from recast import RecastModel
 from recast.cli import main as cli_main
-from recast.client import AsyncClient, Client, ServeError
+from recast.client import AsyncClient, Client, ServeError, parse_server_timing
 from recast.format import CONFIG_FILE
 from recast.io import atomic_write_json, read_json
 from tests.serve.conftest import CLASSES, png_bytes
@@ -39,6 +39,20 @@ def test_predictions_equal_recast_predict(server, model_dir, tmp_path, capsys) -
                 assert [t["label"] for t in got["top"]] == [t["label"] for t in want["top"]]
                 assert all(abs(a["probability"] - b["probability"]) < 1e-5 for a, b in zip(got["top"], want["top"], strict=True))
                 assert got["top"][0]["label"] in CLASSES[task]
+
+
+def test_an_answer_says_where_its_server_time_went(server) -> None:
+    response = httpx.post(f"{server}/v1/predict", data={"task": "digits"}, files=[("image", ("a.png", png_bytes(1), "image/png"))])
+    stages = parse_server_timing(response.headers["server-timing"])
+    assert list(stages) == ["read", "decode", "queue", "forward", "answer", "total"]
+    assert all(value >= 0 for value in stages.values()) and stages["forward"] > 0
+    parts = sum(v for k, v in stages.items() if k != "total")
+    assert parts == pytest.approx(stages["total"], abs=0.05)  # the stages tile the request's time (2-decimal rounding)
+
+
+def test_server_timing_parsing_skips_entries_without_a_duration() -> None:
+    assert parse_server_timing("read;dur=1.5, cache;desc=hit, forward ; dur=2,bad;dur=x") == {"read": 1.5, "forward": 2.0}
+    assert parse_server_timing("") == {}
 
 
 def test_concurrent_requests_of_mixed_tasks_are_batched(server) -> None:

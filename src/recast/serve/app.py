@@ -78,21 +78,25 @@ def create_app(engine: Engine) -> FastAPI:
     async def predict(request: Request) -> JSONResponse:
         started = time.perf_counter()
         task, uploads, k = await _read_predict_form(request, engine)
+        read = time.perf_counter()
         try:
             images = await run_in_threadpool(lambda: [engine.decode(data, name) for name, data in uploads])
         except BadImage as exc:
             raise ApiError(400, str(exc)) from None
         try:
-            probs = await batcher.submit(task, images)
+            probs, job = await batcher.submit_timed(task, images)
         except TaskError:
             raise ApiError(404, engine.unknown_task_message(task)) from None
         info = engine.model.tasks.get(task)
         class_names = info.class_names if info is not None else None
         body = {"task": task, "predictions": [
             {"image": name, "top": top_k(p, class_names, k)} for (name, _), p in zip(uploads, probs, strict=True)]}
-        metrics.latency.observe(time.perf_counter() - started)
+        done = time.perf_counter()
+        metrics.latency.observe(done - started)
         metrics.requests.labels("/v1/predict", "200").inc()
-        return JSONResponse(body)
+        stages = {"read": read - started, "decode": job.queued - read, "queue": job.forward_start - job.queued,
+                  "forward": job.forward_end - job.forward_start, "answer": done - job.forward_end, "total": done - started}
+        return JSONResponse(body, headers={"Server-Timing": server_timing(stages)})
 
     @app.get("/v1/tasks")
     async def tasks() -> JSONResponse:
@@ -113,6 +117,15 @@ def create_app(engine: Engine) -> FastAPI:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def server_timing(stages: dict[str, float]) -> str:
+    """A ``Server-Timing`` header value (W3C): each stage's duration in milliseconds.
+
+    A predict answer says where its time went on the server: reading the form, decoding the
+    images, waiting for a batch, the batch's forward, and answering (wake-up and JSON).
+    """
+    return ", ".join(f"{name};dur={1000 * seconds:.2f}" for name, seconds in stages.items())
 
 
 def _error(request: Request, metrics: Metrics, status: int, message: str) -> JSONResponse:

@@ -34,11 +34,15 @@ def _set_threads(threads: int) -> None:
 
 @dataclass
 class Job:
-    """One request: its task, its images, and where its per-image probabilities go."""
+    """One request: its task, its images, where its per-image probabilities go, and when it was queued,
+    its forward began and ended (``time.perf_counter`` seconds; ``Server-Timing`` reports them)."""
 
     task: str
     images: list[Tensor]
     future: asyncio.Future = field(repr=False)
+    queued: float = 0.0
+    forward_start: float = 0.0
+    forward_end: float = 0.0
 
 
 class Batcher:
@@ -67,9 +71,13 @@ class Batcher:
 
     async def submit(self, task: str, images: list[Tensor]) -> list[Tensor]:
         """Queue one request and wait for its probabilities; ``TaskError`` if its task went away."""
-        future = asyncio.get_running_loop().create_future()
-        await self._queue.put(Job(task, images, future))
-        return await future
+        return (await self.submit_timed(task, images))[0]
+
+    async def submit_timed(self, task: str, images: list[Tensor]) -> tuple[list[Tensor], Job]:
+        """As :meth:`submit`, with the finished ``Job`` (its queue and forward times)."""
+        job = Job(task, images, asyncio.get_running_loop().create_future(), queued=time.perf_counter())
+        await self._queue.put(job)
+        return await job.future, job
 
     async def run(self, function: Callable[..., Any], *args: Any) -> Any:
         """Run ``function`` on the model's thread (for task reloads and listings that must not race)."""
@@ -139,6 +147,7 @@ class Batcher:
         else:
             batches = [jobs]
         for batch in batches:
+            started = time.perf_counter()
             try:
                 results = await self.run(self._forward, batch)
             except Exception as exc:  # answered as a 500 for these requests; the server keeps going
@@ -147,7 +156,9 @@ class Batcher:
                     if not job.future.done():
                         job.future.set_exception(exc)
                 continue
+            ended = time.perf_counter()
             for job, probs in zip(batch, results, strict=True):
+                job.forward_start, job.forward_end = started, ended
                 if not job.future.done():  # the client may have gone away
                     job.future.set_result(probs)
 

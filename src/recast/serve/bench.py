@@ -164,6 +164,7 @@ async def drive(url: str, tasks: list[str], concurrency: int, requests: int, see
     """
     plan = request_plan(tasks, requests, seed)
     latencies: list[float] = []
+    stages: list[dict[str, float]] = []
     failures: list[str] = []
     cursor = iter(plan)
 
@@ -171,8 +172,9 @@ async def drive(url: str, tasks: list[str], concurrency: int, requests: int, see
         for task, image in cursor:
             started = time.perf_counter()
             try:
-                await client.predict(task, [("image.png", image)], top_k=1)
+                _, timing = await client.predict_timed(task, [("image.png", image)], top_k=1)
                 latencies.append(time.perf_counter() - started)
+                stages.append({**timing, "outside_server": 1000 * latencies[-1] - timing.get("total", 0.0)})
             except Exception as exc:  # counted, reported: the load test never stops on a failed request
                 failures.append(f"{type(exc).__name__}: {exc}"[:200])
 
@@ -188,7 +190,7 @@ async def drive(url: str, tasks: list[str], concurrency: int, requests: int, see
     failed = requests - len(latencies)
     return {"concurrency": concurrency, "requests": requests, "completed": len(latencies), "failed": failed,
             "failures": failures[:5], "seconds": wall, "throughput_rps": len(latencies) / wall if wall else 0.0,
-            **_percentiles(latencies)}
+            **_percentiles(latencies), "stages_ms": _stage_percentiles(stages)}
 
 
 def _client_process_setup() -> None:
@@ -221,6 +223,12 @@ def _percentiles(latencies: list[float]) -> dict[str, float | None]:
     ordered = sorted(latencies)
     pick = lambda q: 1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
     return {"p50_ms": 1000 * statistics.median(ordered), "p95_ms": pick(0.95), "p99_ms": pick(0.99)}
+
+
+def _stage_percentiles(stages: list[dict[str, float]]) -> dict[str, dict[str, float | None]]:
+    """p50/p95/p99 in ms of each server stage (``Server-Timing``) and of the time outside the server."""
+    names = dict.fromkeys(name for entry in stages for name in entry)
+    return {name: _percentiles([entry[name] / 1000 for entry in stages if name in entry]) for name in names}
 
 
 def load_test(tasks: int = 100, concurrency: tuple[int, ...] = (1, 8, 64), requests: int = 400,

@@ -158,7 +158,8 @@ def request_plan(tasks: list[str], requests: int, seed: int = 0) -> list[tuple[s
 
 async def drive(url: str, tasks: list[str], concurrency: int, requests: int, seed: int = 0,
                 limit_s: float = 600.0) -> dict[str, Any]:
-    """``requests`` predict calls of one image each, ``concurrency`` at a time, uniform random tasks.
+    """``requests`` predict calls of one image each, ``concurrency`` workers at a time (each with its own
+    connection), uniform random tasks.
 
     Requests still unanswered after ``limit_s`` seconds are cancelled and counted as failed.
     """
@@ -178,15 +179,21 @@ async def drive(url: str, tasks: list[str], concurrency: int, requests: int, see
             except Exception as exc:  # counted, reported: the load test never stops on a failed request
                 failures.append(f"{type(exc).__name__}: {exc}"[:200])
 
-    async with AsyncClient(url, timeout=min(120.0, limit_s), max_connections=concurrency) as client:
-        warm = plan[: max(8, concurrency)]  # warm-up, not timed: opens the pool's connections, one round at this level
-        await asyncio.gather(*(client.predict(task, [("image.png", image)]) for task, image in warm))
+    # One client and connection per concurrent worker, as concurrent users have. Sharing one httpx pool of
+    # 64 connections among 64 workers starved some requests in the pool for 5-12 s while their
+    # connections sat idle (the server's keep-alive timeout then closed them): a client-side tail.
+    clients = [AsyncClient(url, timeout=min(120.0, limit_s), max_connections=1) for _ in range(concurrency)]
+    try:
+        warm = [plan[i % len(plan)] for i in range(len(clients))]  # warm-up, not timed: opens each connection
+        await asyncio.gather(*(c.predict(task, [("image.png", image)]) for c, (task, image) in zip(clients, warm, strict=True)))
         started = time.perf_counter()
         try:
-            await asyncio.wait_for(asyncio.gather(*(worker(client) for _ in range(concurrency))), timeout=limit_s)
+            await asyncio.wait_for(asyncio.gather(*(worker(c) for c in clients)), timeout=limit_s)
         except asyncio.TimeoutError:
             failures.append(f"timed out after {limit_s:.0f} s")
         wall = time.perf_counter() - started
+    finally:
+        await asyncio.gather(*(c.aclose() for c in clients))
     failed = requests - len(latencies)
     return {"concurrency": concurrency, "requests": requests, "completed": len(latencies), "failed": failed,
             "failures": failures[:5], "seconds": wall, "throughput_rps": len(latencies) / wall if wall else 0.0,
@@ -239,7 +246,7 @@ def load_test(tasks: int = 100, concurrency: tuple[int, ...] = (1, 8, 64), reque
     results: dict[str, Any] = {
         "tasks": tasks, "tasks_note": "cloned from one task with perturbed coefficients/heads (a speed test)",
         "backbone": "recast-vit32", "host": HOST, "max_batch": MAX_BATCH, "max_wait_ms": MAX_WAIT_MS,
-        "threads": threads, "client": "its own process (spawn), one torch thread", "requests_per_level": requests, "servers": {}}
+        "threads": threads, "client": "its own process (spawn), one torch thread, one connection per concurrent worker", "requests_per_level": requests, "servers": {}}
     with tempfile.TemporaryDirectory(prefix="recast-serve-bench-") as tmp:
         dirs = {}
         for method in dict.fromkeys(s[1] for s in SERVERS):

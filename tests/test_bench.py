@@ -225,3 +225,20 @@ def test_a_finished_tuned_run_is_rerun_only_when_the_chosen_rates_change(tiny_su
     assert any("done with other learning rates" in line and "rerun" in line for line in logs)
     record = json.loads((out / "runs" / runs[0].file_name).read_text())
     assert record["tuning"]["chosen"] == {"head": 1e-3}
+
+
+def test_the_report_shows_a_widened_grid_that_chose_the_same_rates(tiny_suite, tmp_path):
+    from recast.bench import tuning
+    suite = replace(tiny_suite, train={**tiny_suite.train, "epochs": 1})
+    runs = bench.plan(suite, methods=["linear"])
+    out = tmp_path / "results"
+    bench.run_suite(suite, runs, out, tune_lrs=True, grid={"head": (5e-2, 1e-9)}, log=lambda _: None)
+    assert "| head 1e-09, 0.05 |" in (out / "RESULTS.md").read_text()
+    record = json.loads(tuning.tuning_file(out, runs[0]).read_text())
+    wider = {**record, "grid": [*record["grid"], {"head": 2e-9}], "scores": [*record["scores"], {"lrs": {"head": 2e-9},
+                                                                                              "val_accuracy": 0.0}]}
+    tuning.tuning_file(out, runs[0]).write_text(json.dumps(wider))
+    text = bench.write_report(out).read_text()
+    assert "| head 1e-09, 2e-09, 0.05 |" in text and "| 3 |" in text
+    tuning.tuning_file(out, runs[0]).write_text(json.dumps({**wider, "chosen": {"head": 2e-9}}))
+    assert "| head 1e-09, 0.05 |" in bench.write_report(out).read_text()  # other rates: the runs' own record

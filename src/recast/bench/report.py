@@ -16,7 +16,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from recast.errors import FileFormatError
-from recast.io import atomic_write_bytes
+from recast.io import atomic_write_bytes, read_json
 
 REQUIRED_FIELDS = ("method", "backbone", "suite", "seed", "tasks", "average_accuracy", "forgetting", "bwt")
 
@@ -105,9 +105,18 @@ def settings_text(runs: list[dict[str, Any]]) -> str:
     return "Training settings by backbone:\n\n" + "\n".join(lines) + "\n"
 
 
-def tuning_table(runs: list[dict[str, Any]]) -> str:
-    """The learning rates chosen by ``--tune``: grid, choice and its validation accuracy (empty when untuned)."""
+def tuning_table(runs: list[dict[str, Any]], results_dir: Path | None = None) -> str:
+    """The learning rates chosen by ``--tune``: grid, choice and its validation accuracy (empty when untuned).
+
+    A run keeps the tuning record it was trained under; when ``results_dir/tuning/`` holds a later
+    record for the same method and backbone that chose the same rates (a widened grid), that one is
+    shown: it is the selection the runs now stand on.
+    """
     tuned = {(r["method"], r["backbone"]): r["tuning"] for r in runs if isinstance(r.get("tuning"), dict)}
+    for key, tuning in tuned.items():
+        later = _later_tuning(results_dir, *key) if results_dir is not None else None
+        if later is not None and later.get("chosen") == tuning.get("chosen"):
+            tuned[key] = later
     if not tuned:
         return ""
     lines = ["\nLearning rates chosen by validation accuracy on the first seed (`recast bench --tune`); the test "
@@ -127,6 +136,15 @@ def tuning_table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _later_tuning(results_dir: Path, method: str, backbone: str) -> dict[str, Any] | None:
+    path = results_dir / "tuning" / (file_stem(f"{method}__{backbone}") + ".json")
+    try:
+        record = read_json(path) if path.is_file() else None
+    except FileFormatError:
+        return None
+    return record if isinstance(record, dict) and {"grid", "chosen", "scores"} <= set(record) else None
+
+
 def write_report(results_dir: str | Path) -> Path:
     """Write ``RESULTS.md`` and the plots from the run files; returns the Markdown path."""
     results_dir = Path(results_dir)
@@ -137,7 +155,7 @@ def write_report(results_dir: str | Path) -> Path:
     plots = [plot_accuracy_vs_bytes(rows, results_dir / "accuracy_vs_bytes.png")]
     plots += [plot_accuracy_matrix(run, results_dir) for run in runs if run.get("accuracy_matrix")]
     text = "# Results\n\nMade by `recast bench` from the files in `runs/`.\n\n" + markdown_table(rows)
-    text += "\n" + settings_text(runs) + tuning_table(runs)
+    text += "\n" + settings_text(runs) + tuning_table(runs, results_dir)
     text += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots if p is not None) + "\n"
     path = results_dir / "RESULTS.md"
     atomic_write_bytes(path, text.encode("utf-8"))

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from recast.bench.timing import interleaved, paired_ratio, ratio, rounds_per_process
+from recast.bench.timing import interleaved, paired_ratio, pooled, ratio, rounds_per_process
 from recast.config import RecastConfig
 from recast.distributed import check_device
 from recast.format import task_records
@@ -270,9 +270,8 @@ def run_pair(a: str, b: str, setup: PerfSetup) -> dict[str, Any]:
         return {**pair_worker(a, b, setup), "processes": 1}
     rounds = rounds_per_process(setup.repeats, TRAIN_PROCESSES)
     parts = [_in_worker(["--pair", a, b, "--rounds", str(rounds)], setup) for _ in range(TRAIN_PROCESSES)]
-    return {"a_times": [t for part in parts for t in part["a_times"]],
-            "b_times": [t for part in parts for t in part["b_times"]],
-            "trainable_params": parts[0]["trainable_params"], "threads": parts[0]["threads"], "processes": len(parts)}
+    return {**pooled(parts, ("a_times", "b_times")), "trainable_params": parts[0]["trainable_params"],
+            "threads": parts[0]["threads"], "processes": len(parts)}
 
 
 def run_memory(method: str, setup: PerfSetup) -> dict[str, Any]:
@@ -356,7 +355,7 @@ def eval_figures(setup: PerfSetup) -> dict[str, Any]:
     else:
         per_process = rounds_per_process(total, EVAL_PROCESSES)
         parts = [_in_worker(["--eval", str(per_process)], setup) for _ in range(EVAL_PROCESSES)]
-    times = {key: [t for part in parts for t in part[key]] for key in ("base_s", "recast_s", "export_s")}
+    times = pooled(parts, ("base_s", "recast_s", "export_s"))
     figures = {"eval_recast_over_base": paired_ratio(times["recast_s"], times["base_s"]),
                "eval_export_over_base": paired_ratio(times["export_s"], times["base_s"])}
     for figure in figures.values():
@@ -396,7 +395,7 @@ def mimicry_figures(setup: PerfSetup, iterative_steps: int = 1000, svd_repeats: 
     args = ["--mimicry", str(iterative_steps), "--svd-repeats", str(svd_repeats)]
     parts = ([_in_worker(args, setup) for _ in range(MIMICRY_PROCESSES)] if setup.isolate
              else [mimicry_worker(setup, iterative_steps, svd_repeats)])
-    svd_times = [t for part in parts for t in part["svd_times"]]
+    svd_times = pooled(parts, ("svd_times",))["svd_times"]
     iterative_times = [part["iterative_s"] for part in parts]
     figure = ratio(statistics.median(svd_times), statistics.median(iterative_times), "s")
     figure.update({"svd_weight_rel_error": parts[0]["svd_weight_rel_error"],

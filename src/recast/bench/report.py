@@ -136,8 +136,13 @@ def tuning_table(runs: list[dict[str, Any]], results_dir: Path | None = None) ->
     return "\n".join(lines) + "\n"
 
 
+def tuning_path(results_dir: Path, method: str, backbone: str) -> Path:
+    """Where ``recast bench --tune`` keeps the tuning record of a method on a backbone."""
+    return results_dir / "tuning" / (file_stem(f"{method}__{backbone}") + ".json")
+
+
 def _later_tuning(results_dir: Path, method: str, backbone: str) -> dict[str, Any] | None:
-    path = results_dir / "tuning" / (file_stem(f"{method}__{backbone}") + ".json")
+    path = tuning_path(results_dir, method, backbone)
     try:
         record = read_json(path) if path.is_file() else None
     except FileFormatError:

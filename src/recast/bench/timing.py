@@ -69,6 +69,11 @@ def ratio(a: float, b: float, unit: str) -> dict[str, Any]:
     return {"ratio": a / b, "a": a, "b": b, "unit": unit, "repeats": 1}
 
 
+def pooled(parts: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[str, list[float]]:
+    """Each key's timings from every process's part, in process order."""
+    return {key: [t for part in parts for t in part[key]] for key in keys}
+
+
 def rounds_per_process(total: int, processes: int) -> int:
     """Rounds each of ``processes`` fresh processes runs so that together they run at least ``total``."""
     return -(-total // processes)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from recast.bench.report import file_stem
+from recast.bench.report import tuning_path
 from recast.bench.suites import Run, Suite, load_base, method_name, open_tasks, run_config
 from recast.distributed import DistContext
 from recast.errors import ConfigError
@@ -100,7 +100,7 @@ def validation_score(suite: Suite, run: Run, options: Mapping[str, Any], device:
 
 def tuning_file(out: Path, run: Run) -> Path:
     """Where the tuning of ``run``'s method and backbone is kept."""
-    return out / "tuning" / (file_stem(f"{run.method}__{run.backbone.key}") + ".json")
+    return tuning_path(out, run.method, run.backbone.key)
 
 
 def tuning_setup(suite: Suite, run: Run) -> dict[str, Any]:

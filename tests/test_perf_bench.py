@@ -11,15 +11,17 @@ from recast.bench.perf import (
     EVAL_ROUNDS_FACTOR,
     MIMICRY_PROCESSES,
     SWITCH_PAIRS_FACTOR,
+    SWITCH_PROCESSES,
     TRAIN_PROCESSES,
-    PerfSetup,
     eval_figures,
     mimicry_figures,
     run_memory,
     run_pair,
     run_perf,
+    switch_figures,
 )
-from recast.bench.timing import interleaved, paired_ratio, rounds_per_process
+from recast.bench.timing import interleaved, paired_ratio, process_figures, rounds_per_process
+from recast.bench.workload import PerfSetup
 from recast.errors import ConfigError, FileFormatError
 
 TINY = {"img_size": 16, "patch_size": 8, "depth": 6, "embed_dim": 32, "num_heads": 2}
@@ -54,7 +56,7 @@ def test_interleaved_alternates_the_order_after_the_warm_up():
 def test_pair_worker_process_times_both_methods_interleaved():
     setup = PerfSetup("vit_tiny_patch16_224", TINY, batch=2, repeats=3, warmup=1, threads=1)
     figures = run_pair("recast-att", "lora", setup)
-    assert figures["processes"] == TRAIN_PROCESSES  # rounds split over fresh processes and pooled
+    assert figures["processes"] == TRAIN_PROCESSES == len(figures["process_ratios"])  # split over fresh processes, pooled
     assert len(figures["a_times"]) == len(figures["b_times"]) == TRAIN_PROCESSES * rounds_per_process(3, TRAIN_PROCESSES)
     assert min(figures["a_times"] + figures["b_times"]) > 0 and figures["threads"] == 1
     assert figures["trainable_params"][0] == 6 * 2 + 10 * 32 + 10  # G=6: n=1 per bank, K=2
@@ -67,6 +69,7 @@ def test_eval_worker_process_times_recast_export_and_base_interleaved():
         entry = figures[name]
         per_process = rounds_per_process(EVAL_ROUNDS_FACTOR * setup.repeats, EVAL_PROCESSES)
         assert entry["processes"] == EVAL_PROCESSES and entry["repeats"] == EVAL_PROCESSES * per_process
+        assert len(entry["process_ratios"]) == EVAL_PROCESSES and all(r > 0 for r in entry["process_ratios"])
         assert entry["a"] > 0 and entry["b"] > 0 and entry["iqr"][0] <= entry["ratio"] <= entry["iqr"][1]
     assert figures["eval_recast_over_base"]["b"] == figures["eval_export_over_base"]["b"]  # one base, timed once per round
 
@@ -77,6 +80,19 @@ def test_mimicry_fits_are_timed_in_fresh_processes_and_pooled():
     assert figure["processes"] == MIMICRY_PROCESSES and len(figure["iterative_times"]) == MIMICRY_PROCESSES
     assert figure["svd_repeats"] == len(figure["svd_times"]) == 2 * MIMICRY_PROCESSES
     assert figure["ratio"] == pytest.approx(figure["a"] / figure["b"]) and figure["b"] in figure["iterative_times"]
+
+
+def test_switches_are_timed_in_fresh_processes_and_pooled():
+    setup = PerfSetup("vit_tiny_patch16_224", TINY, batch=2, repeats=1, warmup=0, threads=1)
+    figure = switch_figures(setup)["switch_recast_over_peft"]
+    per_process = rounds_per_process(SWITCH_PAIRS_FACTOR, SWITCH_PROCESSES)
+    assert figure["processes"] == SWITCH_PROCESSES and figure["repeats"] == SWITCH_PROCESSES * per_process
+    assert figure["recast_task_file_bytes"] < figure["peft_adapter_file_bytes"]
+
+
+def test_process_figures_give_each_process_its_own_median_ratio():
+    parts = [{"a": [2.0, 4.0, 3.0], "b": [1.0, 1.0, 1.0]}, {"a": [1.0], "b": [2.0]}]
+    assert process_figures(parts, "a", "b") == {"processes": 2, "process_ratios": [3.0, 0.5]}
 
 
 def test_rounds_per_process_covers_the_total():

@@ -11,9 +11,11 @@ build the two models and do nothing else, their rounds pooled (:mod:`recast.benc
 peak memory is measured in one more fresh process per method (``--memory
 METHOD``) so that one method's allocations cannot inflate another's peak (peak RSS over building the
 model and two training steps; beside it, the training-only increment: that peak minus the resident
-memory just before training), the evaluation forwards in ``EVAL_PROCESSES`` more (``--eval ROUNDS``)
-and the two mimicry fits in ``MIMICRY_PROCESSES`` more (``--mimicry STEPS``), each pooled. The torch thread count is fixed (``PerfSetup.threads``, set in every process) and
-recorded.
+memory just before training), the evaluation forwards in ``EVAL_PROCESSES`` more (``--eval ROUNDS``),
+the task switches in ``SWITCH_PROCESSES`` more (``--switch PAIRS``) and the two mimicry fits in
+``MIMICRY_PROCESSES`` more (``--mimicry STEPS``), each pooled; every pooled figure also lists each
+process's own median ratio (``process_ratios``), so a process that ran apart from the others shows.
+The torch thread count is fixed (``PerfSetup.threads``, set in every process) and recorded.
 The backbone is timm ``vit_small_patch16_224`` at 224 px by default (random weights: speed does not
 depend on their values) and the batch is the same for all.
 
@@ -37,23 +39,18 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from recast.bench.timing import interleaved, paired_ratio, pooled, ratio, rounds_per_process
-from recast.config import RecastConfig
-from recast.distributed import check_device
+from recast.bench.timing import interleaved, paired_ratio, pooled, process_figures, ratio, rounds_per_process
+from recast.bench.workload import WORKER_METHODS, PerfSetup, build_for_training, lora_model, train_step
 from recast.format import task_records
 from recast.model import RecastModel
-from recast.recipe import create_timm
 
-PRECISIONS = ("fp32", "bf16")
-WORKER_METHODS = ("recast-att", "recast-mlp", "recast-att+mlp", "lora", "full", "linear")
 TRAIN_PAIRS = {  # figure name -> (A, B)
     "train_step_recast_att_over_lora": ("recast-att", "lora"),
     "train_step_recast_attmlp_over_full": ("recast-att+mlp", "full"),
@@ -64,113 +61,23 @@ EVAL_ROUNDS_FACTOR = 3  # evaluation rounds per setup repeat (a ViT-S forward of
 # Fresh processes the evaluation rounds are split over: each process's memory placement biases all of
 # its pairs alike (three processes left the ratio 4% apart between runs), so more, shorter processes.
 EVAL_PROCESSES = 6
-TRAIN_PROCESSES = 3  # fresh processes a training-step pair is split over (one left att+mlp/full 5% apart between runs)
+# Fresh processes a training-step pair is split over. One process left att+mlp/full 5% apart between
+# runs; three left att/LoRA 6.7% apart (0.966 to 1.030), the process medians of one run 1.00-1.04.
+TRAIN_PROCESSES = 6
 MIMICRY_PROCESSES = 3  # fresh processes that each time both mimicry fits (the SVD side moved 34% with the process)
 SWITCH_PAIRS_FACTOR = 10  # switch pairs per setup repeat: each pair takes ~30 ms, and 40 left runs 8% apart
+# Fresh processes the switch pairs are split over: in the measuring process itself, after the other
+# figures, PEFT's side took 26 ms in one run and 43 ms in the next (the ratio 0.206 to 0.242).
+SWITCH_PROCESSES = 3
+# Untimed SVD fits before the timed ones: a process's first fits run slower (0.36 s falling to 0.16 s
+# over eight fits) while the allocator learns to keep the model's freed megabytes instead of
+# returning them to the system, which then faults them back in.
+SVD_WARMUP = 4
+SVD_REPEATS = 12
 MEMORY_PAIRS = {
     "peak_mem_recast_over_lora": ("recast-att", "lora"),
     "peak_mem_recast_attmlp_over_full": ("recast-att+mlp", "full"),
 }
-
-
-@dataclass(frozen=True)
-class PerfSetup:
-    """The backbone (a timm name and its kwargs), batch, repeats and threads of every figure."""
-
-    model: str = "vit_small_patch16_224"
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    batch: int = 8
-    repeats: int = 10  # interleaved A/B pairs per ratio (the cheap switch figure uses SWITCH_PAIRS_FACTOR x as many)
-    warmup: int = 2  # untimed calls of each side first
-    threads: int = 1  # torch.set_num_threads in every measuring process: one core is the stable choice
-    isolate: bool = True  # fresh processes for training steps, peak memory and eval (off: quick runs, tests, GPUs)
-    device: str = "cpu"  # "cuda" or "cuda:N": every model and batch lives there
-    precision: str = "fp32"  # "bf16": forwards under autocast (the weights and optimiser state stay fp32)
-
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        check_device(self.device)
-
-    @property
-    def on_cuda(self) -> bool:
-        """Whether the models run on a CUDA device."""
-        return self.device == "cuda" or self.device.startswith("cuda:")
-
-    @property
-    def image_size(self) -> int:
-        """Input side length: ``img_size`` when given, else 224."""
-        return int(self.kwargs.get("img_size", 224))
-
-    def base(self) -> nn.Module:
-        """A fresh base model with random weights and a 10-class head, on the setup's device."""
-        return create_timm(self.model, **{"num_classes": 10, **self.kwargs}).to(self.device)
-
-    def recast_config(self, target: str, base: nn.Module) -> Any:
-        """The paper's G=6, n=2, K=2 where the depth allows it (one group otherwise)."""
-        return RecastConfig(target=target, groups=6 if len(base.blocks) % 6 == 0 else 1)
-
-    def images(self) -> torch.Tensor:
-        """A random batch of the setup's size, on the setup's device."""
-        return torch.randn(self.batch, 3, self.image_size, self.image_size, device=self.device)
-
-    def labels(self) -> torch.Tensor:
-        """Random labels for :meth:`images`."""
-        return torch.randint(10, (self.batch,), device=self.device)
-
-    def autocast(self) -> AbstractContextManager[Any]:
-        """bf16 autocast on the setup's device when ``precision`` asks for it, else nothing."""
-        return torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=self.precision == "bf16")
-
-    def sync(self) -> None:
-        """Wait for the device's queued work, so that a timed call includes it (nothing on a CPU)."""
-        if self.on_cuda:
-            torch.cuda.synchronize(self.device)
-
-
-def _lora(base: nn.Module, rank: int = 8) -> nn.Module:
-    """PEFT LoRA on the fused qkv (r=8), with the head trainable as PEFT users do."""
-    # Deferred: PEFT (and the transformers it loads, ~70 MB resident) is the LoRA side's own cost,
-    # so a process measuring a RECAST model's peak memory must not carry it.
-    from peft import LoraConfig, get_peft_model
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["qkv"], modules_to_save=["head"])
-    return get_peft_model(base, config)
-
-
-def build_for_training(method: str, setup: PerfSetup) -> nn.Module:
-    """The model whose training step ``method`` names, with only its own parameters trainable."""
-    base = setup.base()
-    if method.startswith("recast-"):
-        # In place, as PEFT's get_peft_model wraps the LoRA side's base: each side holds one copy.
-        model = RecastModel.from_base(base, setup.recast_config(method.removeprefix("recast-"), base), inplace=True)
-        model.add_task("t", 10)
-        model.set_task("t")
-        return model
-    if method == "lora":
-        return _lora(base)
-    if method == "linear":
-        base.requires_grad_(False)
-        base.head.requires_grad_(True)
-    return base  # full: every weight
-
-
-def train_step(model: nn.Module, setup: PerfSetup) -> Callable[[], None]:
-    """One AdamW step of ``model`` (forward, backward, clip, update) on a fixed random batch."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimiser = torch.optim.AdamW(params, lr=1e-4)
-    images, labels = setup.images(), setup.labels()
-    model.train()
-
-    def step() -> None:
-        optimiser.zero_grad(set_to_none=True)
-        with setup.autocast():
-            loss = nn.functional.cross_entropy(model(images), labels)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimiser.step()
-        setup.sync()
-
-    return step
 
 
 def pair_worker(a: str, b: str, setup: PerfSetup, rounds: int | None = None) -> dict[str, Any]:
@@ -263,15 +170,23 @@ def _in_worker(args: list[str], setup: PerfSetup) -> dict[str, Any]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def _split(setup: PerfSetup, total: int, processes: int, local: Callable[[int], dict[str, Any]],
+           worker_args: Callable[[int], list[str]]) -> list[dict[str, Any]]:
+    """``total`` rounds of one measurement: split over ``processes`` fresh worker processes (each
+    called with ``worker_args(rounds)``) when isolating, else ``local(total)`` in this process."""
+    if not setup.isolate:
+        return [local(total)]
+    rounds = rounds_per_process(total, processes)
+    return [_in_worker(worker_args(rounds), setup) for _ in range(processes)]
+
+
 def run_pair(a: str, b: str, setup: PerfSetup) -> dict[str, Any]:
     """Interleaved training-step times of ``a`` and ``b``: ``setup.repeats`` rounds or more, split over
     ``TRAIN_PROCESSES`` fresh processes and pooled when isolating (in this process otherwise)."""
-    if not setup.isolate:
-        return {**pair_worker(a, b, setup), "processes": 1}
-    rounds = rounds_per_process(setup.repeats, TRAIN_PROCESSES)
-    parts = [_in_worker(["--pair", a, b, "--rounds", str(rounds)], setup) for _ in range(TRAIN_PROCESSES)]
+    parts = _split(setup, setup.repeats, TRAIN_PROCESSES, lambda rounds: pair_worker(a, b, setup, rounds),
+                   lambda rounds: ["--pair", a, b, "--rounds", str(rounds)])
     return {**pooled(parts, ("a_times", "b_times")), "trainable_params": parts[0]["trainable_params"],
-            "threads": parts[0]["threads"], "processes": len(parts)}
+            "threads": parts[0]["threads"], **process_figures(parts, "a_times", "b_times")}
 
 
 def run_memory(method: str, setup: PerfSetup) -> dict[str, Any]:
@@ -279,12 +194,14 @@ def run_memory(method: str, setup: PerfSetup) -> dict[str, Any]:
     return _in_worker(["--memory", method], setup) if setup.isolate else memory_worker(method, setup)
 
 
-def switch_figures(setup: PerfSetup) -> dict[str, Any]:
-    """Task switch from a file, interleaved: RECAST (read + check + activate + generate every
-    weight) against PEFT ``load_adapter`` + ``set_adapter``."""
+def switch_worker(setup: PerfSetup, pairs: int) -> dict[str, Any]:
+    """Run in a fresh process: ``pairs`` interleaved task switches from a file, RECAST (read + check +
+    activate + generate every weight) against PEFT ``load_adapter`` + ``set_adapter``."""
+    torch.set_num_threads(setup.threads)
+    torch.manual_seed(0)
     base = setup.base()
     model = RecastModel.from_base(base, setup.recast_config("att", base))
-    peft_model = _lora(setup.base())
+    peft_model = lora_model(setup.base())
     with tempfile.TemporaryDirectory() as tmp:
         model.add_task("b", 10)
         model.save_pretrained(tmp)
@@ -311,11 +228,20 @@ def switch_figures(setup: PerfSetup) -> dict[str, Any]:
                 peft_model.delete_adapter(loaded[-2])
             setup.sync()
 
-        recast_s, peft_s = interleaved([recast_switch, peft_switch], SWITCH_PAIRS_FACTOR * setup.repeats,
-                                         setup.warmup)
-        sizes = {"recast_task_file_bytes": task_records(tmp)["b"]["bytes"],
-                 "peft_adapter_file_bytes": Path(tmp, "peft", "adapter_model.safetensors").stat().st_size}
-    return {"switch_recast_over_peft": {**paired_ratio(recast_s, peft_s), **sizes}}
+        recast_s, peft_s = interleaved([recast_switch, peft_switch], pairs, setup.warmup)
+        return {"recast_s": recast_s, "peft_s": peft_s, "recast_task_file_bytes": task_records(tmp)["b"]["bytes"],
+                "peft_adapter_file_bytes": Path(tmp, "peft", "adapter_model.safetensors").stat().st_size}
+
+
+def switch_figures(setup: PerfSetup) -> dict[str, Any]:
+    """The task switch, ``SWITCH_PAIRS_FACTOR`` x repeats pairs split over ``SWITCH_PROCESSES`` fresh
+    processes (when isolating) and pooled."""
+    parts = _split(setup, SWITCH_PAIRS_FACTOR * setup.repeats, SWITCH_PROCESSES,
+                   lambda pairs: switch_worker(setup, pairs), lambda pairs: ["--switch", str(pairs)])
+    times = pooled(parts, ("recast_s", "peft_s"))
+    sizes = {key: parts[0][key] for key in ("recast_task_file_bytes", "peft_adapter_file_bytes")}
+    return {"switch_recast_over_peft": {**paired_ratio(times["recast_s"], times["peft_s"]), **sizes,
+                                        **process_figures(parts, "recast_s", "peft_s")}}
 
 
 def eval_worker(setup: PerfSetup, rounds: int) -> dict[str, Any]:
@@ -349,23 +275,19 @@ def eval_figures(setup: PerfSetup) -> dict[str, Any]:
     ``EVAL_PROCESSES`` fresh processes (when isolating) that each build the three models and do
     nothing else, and the ratio is the median over all their pairs.
     """
-    total = EVAL_ROUNDS_FACTOR * setup.repeats
-    if not setup.isolate:
-        parts = [eval_worker(setup, total)]
-    else:
-        per_process = rounds_per_process(total, EVAL_PROCESSES)
-        parts = [_in_worker(["--eval", str(per_process)], setup) for _ in range(EVAL_PROCESSES)]
+    parts = _split(setup, EVAL_ROUNDS_FACTOR * setup.repeats, EVAL_PROCESSES,
+                   lambda rounds: eval_worker(setup, rounds), lambda rounds: ["--eval", str(rounds)])
     times = pooled(parts, ("base_s", "recast_s", "export_s"))
-    figures = {"eval_recast_over_base": paired_ratio(times["recast_s"], times["base_s"]),
-               "eval_export_over_base": paired_ratio(times["export_s"], times["base_s"])}
-    for figure in figures.values():
-        figure["processes"] = len(parts)
-    return figures
+    return {"eval_recast_over_base": {**paired_ratio(times["recast_s"], times["base_s"]),
+                                      **process_figures(parts, "recast_s", "base_s")},
+            "eval_export_over_base": {**paired_ratio(times["export_s"], times["base_s"]),
+                                      **process_figures(parts, "export_s", "base_s")}}
 
 
 def mimicry_worker(setup: PerfSetup, iterative_steps: int, svd_repeats: int) -> dict[str, Any]:
-    """Run in a fresh process: ``svd_repeats`` timings of the closed-form SVD fit (after one untimed
-    call, the first use of the LAPACK / cuSOLVER kernels) and one of the iterative fit."""
+    """Run in a fresh process: ``svd_repeats`` timings of the closed-form SVD fit (after ``SVD_WARMUP``
+    untimed ones: the first use of the LAPACK / cuSOLVER kernels, the allocator settling) and one of
+    the iterative fit."""
     torch.set_num_threads(setup.threads)
     base = setup.base()
 
@@ -376,7 +298,8 @@ def mimicry_worker(setup: PerfSetup, iterative_steps: int, svd_repeats: int) -> 
         setup.sync()
         return time.perf_counter() - start, model
 
-    fit("svd")
+    for _ in range(SVD_WARMUP):
+        fit("svd")
     svd_times = [fit("svd")[0] for _ in range(svd_repeats - 1)]  # each model freed before the next fit
     seconds, svd_model = fit("svd")
     iterative_seconds, iterative_model = fit("iterative", steps=iterative_steps)
@@ -385,7 +308,7 @@ def mimicry_worker(setup: PerfSetup, iterative_steps: int, svd_repeats: int) -> 
             "iterative_weight_rel_error": iterative_model.mimicry_report["weight_rel_error"]}
 
 
-def mimicry_figures(setup: PerfSetup, iterative_steps: int = 1000, svd_repeats: int = 5) -> dict[str, Any]:
+def mimicry_figures(setup: PerfSetup, iterative_steps: int = 1000, svd_repeats: int = SVD_REPEATS) -> dict[str, Any]:
     """Closed-form SVD mimicry against the paper's iterative fit (its 1000 steps by default).
 
     The sub-second SVD fit moved the ratio by a third between runs, all of a process's timings
@@ -428,7 +351,7 @@ def _all_figures(setup: PerfSetup, progress: bool, iterative_steps: int) -> dict
             f"{setup.repeats} pairs, {setup.threads} thread(s))")
         pairs[name] = run_pair(a, b, setup)
         figures[name] = {**paired_ratio(pairs[name]["a_times"], pairs[name]["b_times"]),
-                         "processes": pairs[name]["processes"]}
+                         "processes": pairs[name]["processes"], "process_ratios": pairs[name]["process_ratios"]}
     memory: dict[str, Any] = {}
     for method in dict.fromkeys(m for pair in MEMORY_PAIRS.values() for m in pair):
         say(f"peak memory: {method}")
@@ -454,21 +377,24 @@ def _all_figures(setup: PerfSetup, progress: bool, iterative_steps: int) -> dict
 
 
 def main() -> None:
-    """Worker entry point (``python recast/bench/perf.py --pair A B``, ``--memory METHOD``, ``--eval ROUNDS``
-    or ``--mimicry STEPS``)."""
+    """Worker entry point (``python recast/bench/perf.py --pair A B``, ``--memory METHOD``, ``--eval ROUNDS``,
+    ``--switch PAIRS`` or ``--mimicry STEPS``)."""
     parser = argparse.ArgumentParser(description="one measurement of recast bench --perf, in a fresh process")
     task = parser.add_mutually_exclusive_group(required=True)
     task.add_argument("--pair", nargs=2, choices=WORKER_METHODS, metavar="METHOD", help="interleaved step times of A and B")
     task.add_argument("--memory", choices=WORKER_METHODS, help="peak memory of one method's training")
     task.add_argument("--eval", type=int, metavar="ROUNDS", help="interleaved evaluation forwards of RECAST, export and base")
     task.add_argument("--mimicry", type=int, metavar="STEPS", help="SVD fit timings and one iterative fit of STEPS")
+    task.add_argument("--switch", type=int, metavar="PAIRS", help="interleaved task switches of RECAST and PEFT")
     parser.add_argument("--rounds", type=int, help="rounds of --pair (default: the setup's repeats)")
-    parser.add_argument("--svd-repeats", type=int, default=5, help="timed SVD fits of --mimicry")
+    parser.add_argument("--svd-repeats", type=int, default=SVD_REPEATS, help="timed SVD fits of --mimicry")
     parser.add_argument("--setup", default="{}", help="PerfSetup fields as JSON")
     args = parser.parse_args()
     setup = PerfSetup(**json.loads(args.setup))
     if args.eval is not None:
         figures = eval_worker(setup, args.eval)
+    elif args.switch is not None:
+        figures = switch_worker(setup, args.switch)
     elif args.mimicry is not None:
         figures = mimicry_worker(setup, args.mimicry, args.svd_repeats)
     else:

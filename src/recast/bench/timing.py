@@ -74,6 +74,12 @@ def pooled(parts: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[str, li
     return {key: [t for part in parts for t in part[key]] for key in keys}
 
 
+def process_figures(parts: Sequence[dict[str, Any]], a_key: str, b_key: str) -> dict[str, Any]:
+    """How many processes were pooled and each one's own median of per-pair ratios ``a / b``."""
+    return {"processes": len(parts),
+            "process_ratios": [paired_ratio(part[a_key], part[b_key])["ratio"] for part in parts]}
+
+
 def rounds_per_process(total: int, processes: int) -> int:
     """Rounds each of ``processes`` fresh processes runs so that together they run at least ``total``."""
     return -(-total // processes)

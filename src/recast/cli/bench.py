@@ -8,9 +8,10 @@ import json
 from pathlib import Path
 
 from recast import bench
-from recast.bench.perf import PRECISIONS, PerfSetup, run_perf
+from recast.bench.perf import run_perf
 from recast.bench.report import write_report
 from recast.bench.tuning import DEFAULT_GRID, grid_points, parse_grid
+from recast.bench.workload import PRECISIONS, PerfSetup
 from recast.cli import edge, serve
 from recast.distributed import check_device, default_device
 from recast.errors import ConfigError
@@ -164,7 +165,9 @@ def _format_perf(figures: dict) -> str:
     for name, entry in figures.items():
         if isinstance(entry, dict) and "ratio" in entry:
             spread = f"IQR {entry['iqr'][0]:.3f}-{entry['iqr'][1]:.3f}, " if "iqr" in entry else ""
-            where = f" in {entry['processes']} processes" if entry.get("processes", 1) > 1 else ""
+            per_process = entry.get("process_ratios") or []
+            where = (f" in {entry['processes']} processes, their medians {min(per_process):.3f}-{max(per_process):.3f}"
+                     if len(per_process) > 1 else "")
             lines.append(f"{name:40s} {entry['ratio']:8.3f}   ({spread}n={entry['repeats']}{where}; "
                          f"{entry['a']:.4g} {entry['unit']} / {entry['b']:.4g} {entry['unit']})")
     setup = figures.get("setup", {})

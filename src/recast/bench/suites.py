@@ -94,11 +94,14 @@ def effnet_suite() -> Suite:
 
     96 px, at most 1,000 training images per task, 10 epochs. ``recast`` is the conv preset (76
     coefficients per task); ``recast:dw`` also generates the depthwise convs (114 coefficients);
-    ``recast:bn`` adds per-task BatchNorm statistics (counted as "other").
+    ``recast:dw3`` gives every one of those banks three templates, spare directions where a stage has
+    fewer layers (162 coefficients); ``recast:bn`` adds per-task BatchNorm statistics (counted as
+    "other").
     """
-    methods = ("recast", "recast:dw", "recast:bn", "linear", "lora", "full", "clr", "recast+clr", "piggyback",
+    methods = ("recast", "recast:dw", "recast:dw3", "recast:bn", "linear", "lora", "full", "clr", "recast+clr", "piggyback",
                "recast+piggyback")
-    options = {"recast:dw": {"depthwise": True}, "recast:bn": {"own_bn": True}}
+    options = {"recast:dw": {"depthwise": True}, "recast:dw3": {"depthwise": True, "templates": 3},
+               "recast:bn": {"own_bn": True}}
     backbone = BenchBackbone("effnet-lite0", "effnet-lite0", methods, options)
     train = {"epochs": 10, "step_size": 7, "batch_size": 64, "lr": 2e-3, "image_size": 96}
     return Suite("effnet", tuple(offline_entries()), (backbone,), train, max_train_images=1000)

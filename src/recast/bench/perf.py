@@ -155,9 +155,9 @@ def cuda_memory_worker(method: str, setup: PerfSetup) -> dict[str, Any]:
             "training_increment_mb": peak - resident / 2**20, "trainable_params": trainable}
 
 
-# Runs this file as ``__main__`` without importing the ``recast.bench`` package, whose ``__init__``
-# loads the benchmark suites, the training package and, through its baselines, PEFT (~70 MB
-# resident): a process measuring a RECAST model must hold what a RecastModel user's holds.
+# Runs this file as ``__main__`` in a fresh interpreter. A process measuring a RECAST model must hold
+# what a RecastModel user's holds: PEFT and transformers (~70 MB resident) load only on a LoRA side;
+# the ``recast.bench`` package that ``timing`` and ``workload`` bring along adds about 2 MB to both.
 _WORKER_LAUNCH = "import runpy, sys; runpy.run_path(sys.argv.pop(1), run_name='__main__')"
 
 

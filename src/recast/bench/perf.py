@@ -6,7 +6,7 @@ pair gives one ratio, and the figure is the median of those per-pair ratios with
 range and the number of pairs. Both sides' median absolute times are reported beside it.
 
 Each training-step pair is timed in ``TRAIN_PROCESSES`` fresh worker processes (this file run with
-``--pair A B``; it loads neither the rest of ``recast.bench`` nor PEFT unless a side is LoRA) that
+``--pair A B``; it loads PEFT only when a side is LoRA) that
 build the two models and do nothing else, their rounds pooled (:mod:`recast.bench.timing` says why);
 peak memory is measured in one more fresh process per method (``--memory
 METHOD``) so that one method's allocations cannot inflate another's peak (peak RSS over building the

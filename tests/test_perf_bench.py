@@ -131,6 +131,17 @@ def test_perf_figures_on_a_tiny_vit():
     assert figures["switch_recast_over_peft"]["recast_task_file_bytes"] < figures["switch_recast_over_peft"]["peft_adapter_file_bytes"]
 
 
+def test_perf_only_measures_the_chosen_groups_and_refuses_unknown_ones():
+    setup = PerfSetup("vit_tiny_patch16_224", TINY, batch=2, repeats=2, warmup=0, threads=1, isolate=False)
+    figures = run_perf(setup, progress=False, iterative_steps=3, groups=["mimicry", "switch"])
+    assert set(figures) == {"mimicry_svd_over_iterative", "switch_recast_over_peft", "setup"}
+    assert figures["setup"]["groups"] == ["switch", "mimicry"]  # recorded in measuring order
+    assert figures["setup"]["trainable_params"] == {} and figures["setup"]["memory"] == {}
+    for groups in (["train", "speed"], []):
+        with pytest.raises(ConfigError, match="train, memory, switch, eval, mimicry"):
+            run_perf(setup, progress=False, groups=groups)
+
+
 def test_the_fast_switch_still_refuses_a_task_file_whose_bytes_were_altered(tmp_path):
     model = RecastModel.from_base(tiny_vit(depth=2), RecastConfig(target="att", groups=1))
     model.add_task("b", 3)

@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ from torch import nn
 
 from recast.bench.timing import interleaved, paired_ratio, pooled, process_figures, ratio, rounds_per_process
 from recast.bench.workload import WORKER_METHODS, PerfSetup, build_for_training, lora_model, train_step
+from recast.errors import ConfigError
 from recast.format import task_records
 from recast.model import RecastModel
 
@@ -331,23 +332,60 @@ def mimicry_figures(setup: PerfSetup, iterative_steps: int = 1000, svd_repeats: 
     return {"mimicry_svd_over_iterative": figure}
 
 
-def run_perf(setup: PerfSetup | None = None, progress: bool = True, iterative_steps: int = 1000) -> dict[str, Any]:
-    """Every figure of ``recast bench --perf``; see the module docstring."""
+PERF_GROUPS = ("train", "memory", "switch", "eval", "mimicry")
+"""The figure groups of ``recast bench --perf``, in the order they are measured (``--perf-only``)."""
+
+
+def run_perf(
+    setup: PerfSetup | None = None, progress: bool = True, iterative_steps: int = 1000,
+    groups: Collection[str] = PERF_GROUPS,
+) -> dict[str, Any]:
+    """The figures of ``recast bench --perf`` in ``groups`` (all by default); see the module docstring."""
+    unknown = sorted(set(groups) - set(PERF_GROUPS))
+    if unknown or not groups:
+        raise ConfigError(f"perf figure groups must be some of {', '.join(PERF_GROUPS)}; got {', '.join(unknown) or 'none'}")
     setup = setup or PerfSetup()
     threads_before = torch.get_num_threads()
     torch.set_num_threads(setup.threads)
     try:
-        return _all_figures(setup, progress, iterative_steps)
+        return _all_figures(setup, progress, iterative_steps, groups)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _all_figures(setup: PerfSetup, progress: bool, iterative_steps: int) -> dict[str, Any]:
+def _all_figures(setup: PerfSetup, progress: bool, iterative_steps: int, groups: Collection[str]) -> dict[str, Any]:
     def say(text: str) -> None:
         if progress:
             print(text, file=sys.stderr, flush=True)
 
     figures: dict[str, Any] = {}
+    pairs: dict[str, Any] = {}
+    memory: dict[str, Any] = {}
+    if "train" in groups:
+        pairs = _train_figures(setup, say, figures)
+    if "memory" in groups:
+        memory = _memory_figures(setup, say, figures)
+    if "switch" in groups:
+        say("task switch from a file, interleaved")
+        figures.update(switch_figures(setup))
+    if "eval" in groups:
+        say("evaluation forward, interleaved")
+        figures.update(eval_figures(setup))
+    if "mimicry" in groups:
+        say("mimicry: svd vs iterative")
+        figures.update(mimicry_figures(setup, iterative_steps))
+    trainable = {m: n for name, (a, b) in TRAIN_PAIRS.items() if name in pairs
+                 for m, n in zip((a, b), pairs[name]["trainable_params"], strict=True)}
+    figures["setup"] = {**asdict(setup), "image_size": setup.image_size, "threads": torch.get_num_threads(),
+                        "device_name": torch.cuda.get_device_name(setup.device) if setup.on_cuda else "cpu",
+                        "torch": torch.__version__, "groups": [g for g in PERF_GROUPS if g in groups],
+                        "worker_threads": sorted({p["threads"] for p in pairs.values()}),
+                        "trainable_params": trainable, "memory": memory}
+    return figures
+
+
+def _train_figures(setup: PerfSetup, say: Callable[[str], None], figures: dict[str, Any]) -> dict[str, Any]:
+    """Add every training-step ratio to ``figures``; returns each pair's raw measurements."""
     pairs: dict[str, Any] = {}
     for name, (a, b) in TRAIN_PAIRS.items():
         say(f"training steps, interleaved: {a} vs {b} ({setup.model}, {setup.image_size} px, batch {setup.batch}, "
@@ -355,6 +393,11 @@ def _all_figures(setup: PerfSetup, progress: bool, iterative_steps: int) -> dict
         pairs[name] = run_pair(a, b, setup)
         figures[name] = {**paired_ratio(pairs[name]["a_times"], pairs[name]["b_times"]),
                          "processes": pairs[name]["processes"], "process_ratios": pairs[name]["process_ratios"]}
+    return pairs
+
+
+def _memory_figures(setup: PerfSetup, say: Callable[[str], None], figures: dict[str, Any]) -> dict[str, Any]:
+    """Add both peak-memory ratios to ``figures``; returns each method's raw measurement."""
     memory: dict[str, Any] = {}
     for method in dict.fromkeys(m for pair in MEMORY_PAIRS.values() for m in pair):
         say(f"peak memory: {method}")
@@ -364,19 +407,7 @@ def _all_figures(setup: PerfSetup, progress: bool, iterative_steps: int) -> dict
         if memory[a]["training_increment_mb"] and memory[b]["training_increment_mb"]:
             figures[name]["training_increment"] = ratio(
                 memory[a]["training_increment_mb"], memory[b]["training_increment_mb"], "MiB")
-    say("task switch from a file, interleaved")
-    figures.update(switch_figures(setup))
-    say("evaluation forward, interleaved")
-    figures.update(eval_figures(setup))
-    say("mimicry: svd vs iterative")
-    figures.update(mimicry_figures(setup, iterative_steps))
-    trainable = {m: n for name, (a, b) in TRAIN_PAIRS.items() for m, n in zip((a, b), pairs[name]["trainable_params"], strict=True)}
-    figures["setup"] = {**asdict(setup), "image_size": setup.image_size, "threads": torch.get_num_threads(),
-                        "device_name": torch.cuda.get_device_name(setup.device) if setup.on_cuda else "cpu",
-                        "torch": torch.__version__,
-                        "worker_threads": sorted({p["threads"] for p in pairs.values()}),
-                        "trainable_params": trainable, "memory": memory}
-    return figures
+    return memory
 
 
 def main() -> None:

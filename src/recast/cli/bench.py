@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from recast import bench
-from recast.bench.perf import run_perf
+from recast.bench.perf import PERF_GROUPS, run_perf
 from recast.bench.report import write_report
 from recast.bench.tuning import DEFAULT_GRID, grid_points, parse_grid
 from recast.bench.workload import PRECISIONS, PerfSetup
@@ -82,6 +82,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "vit_base_patch16_224)")
     parser.add_argument("--batch", type=int, default=PerfSetup.batch, metavar="N",
                         help="with --perf: images per training step and evaluation forward (default: %(default)s)")
+    parser.add_argument("--perf-only", nargs="+", choices=PERF_GROUPS, metavar="GROUP",
+                        help="with --perf: measure only these figure groups, e.g. after a change to one of them "
+                        f"({', '.join(PERF_GROUPS)}; default: all)")
     parser.add_argument("--serve", nargs=argparse.REMAINDER, metavar="OPTION",
                         help="run the serving benchmark instead, exactly as 'recast serve-bench' with the options "
                         "that follow (load test, memory per task, micro-benchmark; JSON under results/serve/); "
@@ -106,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         # On a GPU one process measures every figure (see recast.bench.perf): CUDA start-up per process costs seconds.
         setup = PerfSetup(args.model, kwargs, batch=args.batch, repeats=args.repeats, threads=args.threads,
                           isolate=device == "cpu", device=device, precision=args.precision or "fp32")
-        figures = run_perf(setup, progress=not args.json)
+        figures = run_perf(setup, progress=not args.json, groups=args.perf_only or PERF_GROUPS)
         print(json.dumps(figures, indent=2) if args.json else _format_perf(figures))
         return 0
     if args.report_only:

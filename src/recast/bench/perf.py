@@ -359,12 +359,14 @@ def _all_figures(setup: PerfSetup, progress: bool, iterative_steps: int, groups:
             print(text, file=sys.stderr, flush=True)
 
     figures: dict[str, Any] = {}
-    pairs: dict[str, Any] = {}
+    pairs: dict[str, Any] = {}  # raw measurements for the setup record, empty when a group is skipped
     memory: dict[str, Any] = {}
     if "train" in groups:
-        pairs = _train_figures(setup, say, figures)
+        train, pairs = _train_figures(setup, say)
+        figures.update(train)
     if "memory" in groups:
-        memory = _memory_figures(setup, say, figures)
+        peaks, memory = _memory_figures(setup, say)
+        figures.update(peaks)
     if "switch" in groups:
         say("task switch from a file, interleaved")
         figures.update(switch_figures(setup))
@@ -384,8 +386,9 @@ def _all_figures(setup: PerfSetup, progress: bool, iterative_steps: int, groups:
     return figures
 
 
-def _train_figures(setup: PerfSetup, say: Callable[[str], None], figures: dict[str, Any]) -> dict[str, Any]:
-    """Add every training-step ratio to ``figures``; returns each pair's raw measurements."""
+def _train_figures(setup: PerfSetup, say: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every training-step ratio, and each pair's raw measurements."""
+    figures: dict[str, Any] = {}
     pairs: dict[str, Any] = {}
     for name, (a, b) in TRAIN_PAIRS.items():
         say(f"training steps, interleaved: {a} vs {b} ({setup.model}, {setup.image_size} px, batch {setup.batch}, "
@@ -393,11 +396,12 @@ def _train_figures(setup: PerfSetup, say: Callable[[str], None], figures: dict[s
         pairs[name] = run_pair(a, b, setup)
         figures[name] = {**paired_ratio(pairs[name]["a_times"], pairs[name]["b_times"]),
                          "processes": pairs[name]["processes"], "process_ratios": pairs[name]["process_ratios"]}
-    return pairs
+    return figures, pairs
 
 
-def _memory_figures(setup: PerfSetup, say: Callable[[str], None], figures: dict[str, Any]) -> dict[str, Any]:
-    """Add both peak-memory ratios to ``figures``; returns each method's raw measurement."""
+def _memory_figures(setup: PerfSetup, say: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Both peak-memory ratios, and each method's raw measurement."""
+    figures: dict[str, Any] = {}
     memory: dict[str, Any] = {}
     for method in dict.fromkeys(m for pair in MEMORY_PAIRS.values() for m in pair):
         say(f"peak memory: {method}")
@@ -407,7 +411,7 @@ def _memory_figures(setup: PerfSetup, say: Callable[[str], None], figures: dict[
         if memory[a]["training_increment_mb"] and memory[b]["training_increment_mb"]:
             figures[name]["training_increment"] = ratio(
                 memory[a]["training_increment_mb"], memory[b]["training_increment_mb"], "MiB")
-    return memory
+    return figures, memory
 
 
 def main() -> None:

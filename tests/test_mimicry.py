@@ -105,6 +105,28 @@ def test_svd_at_n1_is_no_worse_than_iterative(tiny) -> None:
     assert svd <= iterative
 
 
+@pytest.mark.parametrize("n", [1, 3])
+def test_svd_error_is_the_eckart_young_optimum(n) -> None:
+    """With fewer templates than layers the fit's error is what the dropped singular values leave."""
+    targets = torch.randn(5, 24, 16, generator=torch.Generator().manual_seed(3)) * 0.1
+    problem = FitProblem(key="bank", role="fc", layers=tuple(f"l{i}" for i in range(5)), targets=targets,
+                         templates=n, coef_sets=1)
+    singular = torch.linalg.svdvals(targets.reshape(5, -1).double())
+    optimum = math.sqrt(singular[n:].pow(2).sum() / singular.pow(2).sum())
+    assert fidelity([problem], fit([problem], "svd")[0])["weight_rel_error"] == pytest.approx(optimum, rel=1e-5)
+
+
+def test_svd_gives_equal_layers_one_template_and_a_zero_one() -> None:
+    """A rank-deficient bank (two equal layers) is still reproduced exactly, its second template empty."""
+    layer = torch.randn(1, 12, 8, generator=torch.Generator().manual_seed(4))
+    problem = FitProblem(key="bank", role="fc", layers=("a", "b"), targets=layer.expand(2, 12, 8).clone(),
+                         templates=2, coef_sets=1)
+    result = fit([problem], "svd")[0][0]
+    assert fidelity([problem], [result])["weight_rel_error"] < 1e-6
+    assert result.templates[1].abs().max() < 1e-5 * result.templates[0].abs().max()
+    assert torch.isfinite(result.coefficients).all()
+
+
 def test_report_numbers_are_computed_not_copied(tiny) -> None:
     model = RecastModel.from_base(tiny, RecastConfig(target="att", groups=2), mimicry="svd")
     before = weight_fidelity(model, tiny)

@@ -60,10 +60,16 @@ def fidelity(problems: list[FitProblem], results: list[FitResult]) -> dict[str, 
     per_layer: dict[str, dict[str, float]] = {}
     err_sq = ref_sq = 0.0
     for problem, result in zip(problems, results, strict=True):
-        generated = compose(result.templates.double(), result.coefficients.double())  # (L, *shape)
-        for name, w_hat, w in zip(problem.layers, generated, problem.targets.double(), strict=True):
-            err, ref = (w_hat - w).norm().item(), w.norm().item()
-            cosine = torch.nn.functional.cosine_similarity(w_hat.flatten(), w.flatten(), dim=0).item()
+        # Whole-bank reductions in float64 with one temporary per bank: a loop of per-layer
+        # differences and cosine_similarity calls allocated a weight-sized tensor per call.
+        generated = compose(result.templates.double(), result.coefficients.double()).flatten(1)  # (L, D)
+        targets = problem.targets.reshape(len(problem.layers), -1).double()
+        dots = torch.linalg.vecdot(generated, targets).tolist()
+        norms = torch.linalg.vector_norm(generated, dim=1).tolist()
+        refs = torch.linalg.vector_norm(targets, dim=1).tolist()
+        errs = torch.linalg.vector_norm(generated.sub_(targets), dim=1).tolist()
+        for name, dot, norm, ref, err in zip(problem.layers, dots, norms, refs, errs, strict=True):
+            cosine = dot / max(norm * ref, 1e-12)  # cosine_similarity's eps, on the product of norms
             per_layer[name] = {"cosine": cosine, "rel_error": err / ref if ref else float(err > 0)}
             err_sq, ref_sq = err_sq + err**2, ref_sq + ref**2
     cosines = [v["cosine"] for v in per_layer.values()]

@@ -16,6 +16,11 @@ from torch import Tensor
 
 from recast.bank import compose
 
+COLUMNS_PER_PASS = 1 << 16
+"""Columns of a bank's (L, D) weights taken to float64 at a time, by the fidelity report and the SVD
+fit: whole float64 copies of a bank (7-42 MB for ViT-S) were faulted in afresh by most fits, the
+main cost and spread of the fit's time."""
+
 
 @dataclass
 class FitProblem:
@@ -60,14 +65,7 @@ def fidelity(problems: list[FitProblem], results: list[FitResult]) -> dict[str, 
     per_layer: dict[str, dict[str, float]] = {}
     err_sq = ref_sq = 0.0
     for problem, result in zip(problems, results, strict=True):
-        # Whole-bank reductions in float64 with one temporary per bank: a loop of per-layer
-        # differences and cosine_similarity calls allocated a weight-sized tensor per call.
-        generated = compose(result.templates.double(), result.coefficients.double()).flatten(1)  # (L, D)
-        targets = problem.targets.reshape(len(problem.layers), -1).double()
-        dots = torch.linalg.vecdot(generated, targets).tolist()
-        norms = torch.linalg.vector_norm(generated, dim=1).tolist()
-        refs = torch.linalg.vector_norm(targets, dim=1).tolist()
-        errs = torch.linalg.vector_norm(generated.sub_(targets), dim=1).tolist()
+        dots, norms, refs, errs = _agreement(problem.targets, result).tolist()
         for name, dot, norm, ref, err in zip(problem.layers, dots, norms, refs, errs, strict=True):
             cosine = dot / max(norm * ref, 1e-12)  # cosine_similarity's eps, on the product of norms
             per_layer[name] = {"cosine": cosine, "rel_error": err / ref if ref else float(err > 0)}
@@ -79,3 +77,25 @@ def fidelity(problems: list[FitProblem], results: list[FitResult]) -> dict[str, 
         "weight_rel_error": math.sqrt(err_sq / ref_sq) if ref_sq else 0.0,
         "layers": per_layer,
     }
+
+
+def _agreement(targets: Tensor, result: FitResult) -> Tensor:
+    """``(4, L)`` float64: per layer the dot product of generated and target weight, the norm of each
+    and the norm of their difference.
+
+    Composed and compared ``COLUMNS_PER_PASS`` columns at a time.
+    """
+    layers = targets.shape[0]
+    flat_targets = targets.reshape(layers, -1)
+    flat_templates = result.templates.reshape(result.templates.shape[0], -1)
+    coefficients = result.coefficients.double()
+    sums = torch.zeros(4, layers, dtype=torch.float64, device=targets.device)
+    for start in range(0, flat_targets.shape[1], COLUMNS_PER_PASS):
+        columns = slice(start, start + COLUMNS_PER_PASS)
+        generated = compose(flat_templates[:, columns].double(), coefficients)  # (L, block)
+        wanted = flat_targets[:, columns].double()
+        sums[0] += torch.linalg.vecdot(generated, wanted)
+        sums[1] += generated.square().sum(1)
+        sums[2] += wanted.square().sum(1)
+        sums[3] += (generated - wanted).square().sum(1)
+    return torch.cat([sums[:1], sums[1:].sqrt()])

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from recast.mimicry.problem import FitProblem, FitResult
+from recast.mimicry.problem import COLUMNS_PER_PASS, FitProblem, FitResult
 from recast.mimicry.registry import register_mimicry
 
 
@@ -26,18 +26,28 @@ def fit_svd(problems: list[FitProblem], *, seed: int = 42, progress: bool = Fals
     return [_svd_one(p, generator) for p in problems]
 
 
-def _left_factors(flat: Tensor) -> Tensor:
-    """``U`` of ``flat = U S V^T`` (L x D, L small): the eigenvectors of the L x L Gram matrix,
-    by decreasing singular value, each signed so that its column sums to a non-negative value.
+def gram(flat: Tensor) -> Tensor:
+    """``flat @ flat.T`` in float64 for ``flat`` (L x D) of any float dtype, a block of columns at a time."""
+    layers = flat.shape[0]
+    product = torch.zeros(layers, layers, dtype=torch.float64, device=flat.device)
+    for start in range(0, flat.shape[1], COLUMNS_PER_PASS):
+        block = flat[:, start:start + COLUMNS_PER_PASS].to(torch.float64)
+        product.addmm_(block, block.T)
+    return product
 
-    The Gram route reads the D-wide weights once instead of running LAPACK's SVD over them: a
-    ViT-S qkv bank took 9 ms instead of 24 ms, and it allocates no (D, L) factor. ``S_n V_n^T`` is
-    then ``U_n^T W``, with no division by a singular value, so a rank-deficient bank (two equal
-    layers) gets a zero template where the SVD would. Squaring the condition number only blurs the
-    directions with the smallest singular values, which a truncated fit drops; a fit with
-    ``n >= L`` stays exact whatever they are, since ``U U^T = I``.
+
+def _left_factors(product: Tensor) -> Tensor:
+    """``U`` of ``W = U S V^T`` from ``product = W W^T`` (L x L): its eigenvectors by decreasing
+    singular value, each signed so that its column sums to a non-negative value.
+
+    The Gram route reads the D-wide weights once instead of running LAPACK's SVD over a float64
+    copy of them (a ViT-S qkv bank: 24 ms). ``S_n V_n^T`` is then ``U_n^T W``, with no division by a
+    singular value, so a rank-deficient bank (two equal layers) gets a zero template as the SVD
+    would. Squaring the condition number only blurs the directions with the smallest singular
+    values, which a truncated fit drops; a fit with ``n >= L`` stays exact whatever they are, since
+    ``U U^T = I``.
     """
-    _, vectors = torch.linalg.eigh(flat @ flat.T)  # eigenvalues ascending
+    _, vectors = torch.linalg.eigh(product)  # eigenvalues ascending
     u = vectors.flip(1)
     return u * torch.where(u.sum(0) < 0, -1.0, 1.0).to(u.dtype)  # deterministic signs
 
@@ -45,27 +55,29 @@ def _left_factors(flat: Tensor) -> Tensor:
 def _svd_one(problem: FitProblem, generator: torch.Generator) -> FitResult:
     targets = problem.targets
     layers, shape, n = targets.shape[0], targets.shape[1:], problem.templates
-    flat = targets.reshape(layers, -1).to(torch.float64)  # (L, D)
+    work = torch.promote_types(targets.dtype, torch.float32)
+    flat = targets.reshape(layers, -1).to(work)  # (L, D); no copy for float32 weights
+    product = gram(flat)
     rank = min(n, layers)
-    u = _left_factors(flat)[:, :rank]  # (L, rank)
+    u = _left_factors(product)[:, :rank]  # (L, rank), float64
     scale = math.sqrt(layers)
-    templates = (u.T / scale) @ flat  # (rank, D): S_n V_n^T / sqrt(L)
+    templates = (u.T / scale).to(work) @ flat  # (rank, D): S_n V_n^T / sqrt(L)
     coefficients = torch.zeros(layers, n, dtype=torch.float64, device=flat.device)
     coefficients[:, :rank] = u * scale
     if n > rank:
-        templates = torch.cat([templates, _spare_directions(templates, n - rank, flat, generator)])
+        rms_norm = product.diagonal().mean().sqrt()  # of the targets' rows
+        templates = torch.cat([templates, _spare_directions(templates, n - rank, rms_norm, generator).to(work)])
     coefficients = coefficients[:, None, :].expand(layers, problem.coef_sets, n)  # (L, K, n)
     dtype = targets.dtype
     return FitResult(templates.reshape(n, *shape).to(dtype), coefficients.to(dtype).contiguous())
 
 
-def _spare_directions(fitted: Tensor, count: int, flat: Tensor, generator: torch.Generator) -> Tensor:
-    """``count`` random unit directions orthogonal to the ``fitted`` templates' rows, scaled to the
-    RMS norm of the targets."""
-    noise = torch.randn(count, flat.shape[1], generator=generator, dtype=torch.float64).to(flat.device)  # CPU stream: same draws on every device
+def _spare_directions(fitted: Tensor, count: int, rms_norm: Tensor, generator: torch.Generator) -> Tensor:
+    """``count`` random directions orthogonal to the ``fitted`` templates' rows, of norm ``rms_norm``."""
+    width = fitted.shape[1]
+    noise = torch.randn(count, width, generator=generator, dtype=torch.float64).to(fitted.device)  # CPU stream: same draws on every device
     if fitted.numel():
-        basis, _ = torch.linalg.qr(fitted.T)  # (D, rank): an orthonormal basis of the fitted span
+        basis, _ = torch.linalg.qr(fitted.T.to(torch.float64))  # (D, rank): an orthonormal basis of the fitted span
         noise = noise - (noise @ basis) @ basis.T
     q, _ = torch.linalg.qr(noise.T)  # (D, count), orthonormal columns
-    rms_norm = flat.norm(dim=1).pow(2).mean().sqrt()
     return q.T * rms_norm

@@ -20,7 +20,7 @@ from recast.bench.perf import (
     run_perf,
     switch_figures,
 )
-from recast.bench.timing import interleaved, paired_ratio, process_figures, rounds_per_process
+from recast.bench.timing import interleaved, median_interval, paired_ratio, process_figures, rounds_per_process
 from recast.bench.workload import PerfSetup
 from recast.errors import ConfigError, FileFormatError
 
@@ -34,6 +34,15 @@ PAIRED = ("train_step_recast_att_over_lora", "train_step_recast_attmlp_over_full
           "eval_recast_over_base", "eval_export_over_base")
 
 
+def test_the_median_interval_narrows_with_more_rounds_and_the_quartiles_do_not():
+    spread = [0.8 + 0.4 * i / 99 for i in range(100)]  # ratios evenly spread over 0.8-1.2
+    few, many = paired_ratio(spread[::10], [1.0] * 10), paired_ratio(spread, [1.0] * 100)
+    assert many["iqr_rel"] == pytest.approx(few["iqr_rel"], rel=0.2)
+    assert many["median_interval_rel"] < few["median_interval_rel"] / 2
+    assert many["median_interval"] == [spread[46], spread[53]]  # ranks 50 -+ 0.6745 * sqrt(100) / 2
+    assert median_interval([5.0]) == (5.0, 5.0)
+
+
 def test_paired_ratio_is_the_median_of_per_pair_ratios_with_its_quartiles():
     a = [2.0, 4.0, 6.0, 8.0, 100.0]
     b = [1.0, 1.0, 2.0, 4.0, 10.0]  # pair ratios 2, 4, 3, 2, 10 -> sorted 2, 2, 3, 4, 10
@@ -41,6 +50,7 @@ def test_paired_ratio_is_the_median_of_per_pair_ratios_with_its_quartiles():
     assert figure["ratio"] == 3.0 and figure["iqr"] == [2.0, 4.0] and figure["repeats"] == 5
     assert figure["iqr_rel"] == pytest.approx(2.0 / 3.0)
     assert figure["a"] == 6.0 and figure["b"] == 2.0
+    assert figure["median_interval"][0] <= figure["ratio"] <= figure["median_interval"][1]
     with pytest.raises(ValueError):
         paired_ratio([1.0], [1.0, 2.0])
 

@@ -168,6 +168,8 @@ def _format_perf(figures: dict) -> str:
     for name, entry in figures.items():
         if isinstance(entry, dict) and "ratio" in entry:
             spread = f"IQR {entry['iqr'][0]:.3f}-{entry['iqr'][1]:.3f}, " if "iqr" in entry else ""
+            if "median_interval" in entry:
+                spread += f"median within {entry['median_interval'][0]:.3f}-{entry['median_interval'][1]:.3f}, "
             per_process = entry.get("process_ratios") or []
             where = (f" in {entry['processes']} processes, their medians {min(per_process):.3f}-{max(per_process):.3f}"
                      if len(per_process) > 1 else "")

@@ -1,5 +1,7 @@
 """`recast bench --perf`: interleaved pairs, paired ratios with their spread, end to end on a tiny ViT."""
 
+import json
+
 import pytest
 import torch
 
@@ -20,8 +22,10 @@ from recast.bench.perf import (
     run_perf,
     switch_figures,
 )
+from recast.bench.perf_table import load_perf_runs
 from recast.bench.timing import interleaved, median_interval, paired_ratio, process_figures, rounds_per_process
 from recast.bench.workload import PerfSetup
+from recast.cli import main
 from recast.errors import ConfigError, FileFormatError
 
 TINY = {"img_size": 16, "patch_size": 8, "depth": 6, "embed_dim": 32, "num_heads": 2}
@@ -229,3 +233,23 @@ def test_perf_setup_refuses_unknown_precisions_and_devices():
         PerfSetup(precision="fp8")
     with pytest.raises(ConfigError, match="cpu, cuda or cuda:N"):
         PerfSetup(device="tpu")
+
+
+def test_perf_table_puts_runs_side_by_side_with_their_spread(tmp_path, capsys):
+    def figure(ratio: float, **extra) -> dict:
+        return {"ratio": ratio, "a": ratio * 0.002, "b": 0.002, "unit": "s", "repeats": 10, **extra}
+
+    first = {"switch": figure(0.20, iqr=[0.18, 0.22], median_interval=[0.19, 0.21]), "eval": figure(1.0),
+             "setup": {"threads": 1}}
+    second = {"switch": figure(0.22, iqr=[0.20, 0.24], median_interval=[0.215, 0.226])}  # --perf-only switch
+    paths = []
+    for index, run in enumerate((first, second)):
+        paths.append(tmp_path / f"run{index}.json")
+        paths[-1].write_text(json.dumps(run))
+    assert main(["bench", "--perf-table", *map(str, paths)]) == 0
+    rows = {line.split(" | ")[0].strip("| "): line for line in capsys.readouterr().out.splitlines()}
+    assert rows["switch"] == "| switch | 0.200 / 0.220 | 10.0% | 0.4 ms | 2.0 ms | 18.2% | 5.0% | 10 |"
+    assert "| eval | 1.000 / - | - |" in rows["eval"]  # not measured in the second run: no spread
+    (tmp_path / "notes.json").write_text(json.dumps({"setup": {}}))
+    with pytest.raises(FileFormatError, match="not the output of 'recast bench --perf --json'"):
+        load_perf_runs([tmp_path / "notes.json"])

@@ -2,8 +2,8 @@
 
 Modules: ``suites`` (what a comparison runs), ``report`` (``RESULTS.md`` and plots from result
 files alone), ``runner`` (one run, a whole suite), ``tuning`` (learning rates chosen on
-validation accuracy), ``perf`` (``recast bench --perf``) and ``mimicry`` (``recast mimic --bench``);
-the last two are imported by name where they are used.
+validation accuracy), ``perf`` (``recast bench --perf``), ``perf_table`` (``--perf-table``) and
+``mimicry`` (``recast mimic --bench``); the last three are imported by name where they are used.
 """
 
 from recast.bench.report import load_runs, summarise, write_report

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from recast import bench
 from recast.bench.perf import PERF_GROUPS, run_perf
+from recast.bench.perf_table import load_perf_runs, perf_table
 from recast.bench.report import write_report
 from recast.bench.tuning import DEFAULT_GRID, grid_points, parse_grid
 from recast.bench.workload import PRECISIONS, PerfSetup
@@ -85,6 +86,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--perf-only", nargs="+", choices=PERF_GROUPS, metavar="GROUP",
                         help="with --perf: measure only these figure groups, e.g. after a change to one of them "
                         f"({', '.join(PERF_GROUPS)}; default: all)")
+    parser.add_argument("--perf-table", nargs="+", metavar="FILE",
+                        help="print the Markdown table of several '--perf --json' files instead: each ratio in every "
+                        "run, its spread over the runs, the last run's times and spreads")
     parser.add_argument("--serve", nargs=argparse.REMAINDER, metavar="OPTION",
                         help="run the serving benchmark instead, exactly as 'recast serve-bench' with the options "
                         "that follow (load test, memory per task, micro-benchmark; JSON under results/serve/); "
@@ -101,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
     """Dispatch to the serving or edge benchmark, the perf figures, the report, the dry run or the suite."""
     if args.serve is not None or args.edge is not None:
         return run_alias(args)
+    if args.perf_table:
+        print(perf_table(load_perf_runs(args.perf_table)))
+        return 0
     device = check_device(args.device) if args.device else default_device()
     if args.perf:
         if min(args.repeats, args.threads, args.batch) < 1:

@@ -26,7 +26,7 @@ def fit_svd(problems: list[FitProblem], *, seed: int = 42, progress: bool = Fals
     return [_svd_one(p, generator) for p in problems]
 
 
-def gram(flat: Tensor) -> Tensor:
+def _gram(flat: Tensor) -> Tensor:
     """``flat @ flat.T`` in float64 for ``flat`` (L x D) of any float dtype, a block of columns at a time."""
     layers = flat.shape[0]
     product = torch.zeros(layers, layers, dtype=torch.float64, device=flat.device)
@@ -58,7 +58,7 @@ def _svd_one(problem: FitProblem, generator: torch.Generator) -> FitResult:
     layers, shape, n = targets.shape[0], targets.shape[1:], problem.templates
     work = torch.promote_types(targets.dtype, torch.float32)
     flat = targets.reshape(layers, -1).to(work)  # (L, D); no copy for float32 weights
-    product = gram(flat)
+    product = _gram(flat)
     rank = min(n, layers)
     u = _left_factors(product)[:, :rank]  # (L, rank), float64
     scale = math.sqrt(layers)
@@ -77,8 +77,7 @@ def _spare_directions(fitted: Tensor, count: int, rms_norm: Tensor, generator: t
     """``count`` random directions orthogonal to the ``fitted`` templates' rows, of norm ``rms_norm``."""
     width = fitted.shape[1]
     noise = torch.randn(count, width, generator=generator, dtype=torch.float64).to(fitted.device)  # CPU stream: same draws on every device
-    if fitted.numel():
-        basis, _ = torch.linalg.qr(fitted.T.to(torch.float64))  # (D, rank): an orthonormal basis of the fitted span
-        noise = noise - (noise @ basis) @ basis.T
+    basis, _ = torch.linalg.qr(fitted.T.to(torch.float64))  # (D, rank >= 1): an orthonormal basis of the fitted span
+    noise = noise - (noise @ basis) @ basis.T
     q, _ = torch.linalg.qr(noise.T)  # (D, count), orthonormal columns
     return q.T * rms_norm

@@ -1,6 +1,7 @@
 """`recast bench --perf`: interleaved pairs, paired ratios with their spread, end to end on a tiny ViT."""
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -88,12 +89,16 @@ def test_eval_worker_process_times_recast_export_and_base_interleaved():
     assert figures["eval_recast_over_base"]["b"] == figures["eval_export_over_base"]["b"]  # one base, timed once per round
 
 
-def test_mimicry_fits_are_timed_in_fresh_processes_and_pooled():
+def test_mimicry_fits_are_timed_in_fresh_processes_one_pair_each():
     setup = PerfSetup("vit_tiny_patch16_224", TINY, batch=2, repeats=1, warmup=0, threads=1)
-    figure = mimicry_figures(setup, iterative_steps=3, svd_repeats=2)["mimicry_svd_over_iterative"]
-    assert figure["processes"] == MIMICRY_PROCESSES and len(figure["iterative_times"]) == MIMICRY_PROCESSES
-    assert figure["svd_repeats"] == len(figure["svd_times"]) == 2 * MIMICRY_PROCESSES
-    assert figure["ratio"] == pytest.approx(figure["a"] / figure["b"]) and figure["b"] in figure["iterative_times"]
+    figure = mimicry_figures(setup, iterative_steps=3, svd_repeats=3)["mimicry_svd_over_iterative"]
+    assert figure["processes"] == figure["repeats"] == MIMICRY_PROCESSES == len(figure["iterative_times"])
+    assert figure["svd_repeats"] == len(figure["svd_times"]) == 3 * MIMICRY_PROCESSES
+    per_process = [statistics.median(figure["svd_times"][3 * i:3 * i + 3]) / t
+                   for i, t in enumerate(figure["iterative_times"])]
+    assert figure["process_ratios"] == pytest.approx(per_process)
+    assert figure["ratio"] == pytest.approx(statistics.median(per_process))
+    assert figure["iqr"][0] <= figure["ratio"] <= figure["iqr"][1] and figure["b"] > figure["a"] > 0
 
 
 def test_switches_are_timed_in_fresh_processes_and_pooled():

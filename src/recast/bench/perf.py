@@ -12,9 +12,10 @@ peak memory is measured in one more fresh process per method (``--memory
 METHOD``) so that one method's allocations cannot inflate another's peak (peak RSS over building the
 model and two training steps; beside it, the training-only increment: that peak minus the resident
 memory just before training), the evaluation forwards in ``EVAL_PROCESSES`` more (``--eval ROUNDS``),
-the task switches in ``SWITCH_PROCESSES`` more (``--switch PAIRS``) and the two mimicry fits in
-``MIMICRY_PROCESSES`` more (``--mimicry STEPS``), each pooled; every pooled figure also lists each
-process's own median ratio (``process_ratios``), so a process that ran apart from the others shows.
+the task switches in ``SWITCH_PROCESSES`` more (``--switch PAIRS``), each pooled, and the two mimicry
+fits in ``MIMICRY_PROCESSES`` more (``--mimicry STEPS``), one pair per process (a 1,000-step iterative
+fit takes half a minute); every pooled figure also lists each process's own median ratio
+(``process_ratios``), so a process that ran apart from the others shows.
 The torch thread count is fixed (``PerfSetup.threads``, set in every process) and recorded.
 The backbone is timm ``vit_small_patch16_224`` at 224 px by default (random weights: speed does not
 depend on their values) and the batch is the same for all.
@@ -66,7 +67,9 @@ EVAL_PROCESSES = 6
 # Fresh processes a training-step pair is split over. One process left att+mlp/full 5% apart between
 # runs; three left att/LoRA 6.7% apart (0.966 to 1.030), the process medians of one run 1.00-1.04.
 TRAIN_PROCESSES = 6
-MIMICRY_PROCESSES = 3  # fresh processes that each time both mimicry fits (the SVD side moved 34% with the process)
+# Fresh processes that each time both mimicry fits, one pair per process: the SVD side moved 34% with
+# the process and the iterative fit 10% (3 processes left the ratio 6% apart between runs).
+MIMICRY_PROCESSES = 6
 SWITCH_PAIRS_FACTOR = 10  # switch pairs per setup repeat: each pair takes ~30 ms, and 40 left runs 8% apart
 # Fresh processes the switch pairs are split over: in the measuring process itself, after the other
 # figures, PEFT's side took 26 ms in one run and 43 ms in the next (the ratio 0.206 to 0.242).
@@ -287,10 +290,11 @@ def eval_figures(setup: PerfSetup) -> dict[str, Any]:
 
 
 def mimicry_worker(setup: PerfSetup, iterative_steps: int, svd_repeats: int) -> dict[str, Any]:
-    """Run in a fresh process: ``svd_repeats`` timings of the closed-form SVD fit (after ``SVD_WARMUP``
-    untimed ones: the first use of the LAPACK / cuSOLVER kernels, the allocator settling) and one of
-    the iterative fit. Each times ``from_base`` rewriting a copy of the base in place (surgery, fit,
-    fidelity report); the copy is made before the clock starts, on both sides."""
+    """Run in a fresh process: ``svd_repeats`` timings of the closed-form SVD fit around one of the
+    iterative fit (half before it, half after, so the SVD side's median spans the same stretch of
+    time), after ``SVD_WARMUP`` untimed SVD fits (the first use of the LAPACK / cuSOLVER kernels, the
+    allocator settling). Each times ``from_base`` rewriting a copy of the base in place (surgery,
+    fit, fidelity report); the copy is made before the clock starts, on both sides."""
     torch.set_num_threads(setup.threads)
     base = setup.base()
 
@@ -304,31 +308,38 @@ def mimicry_worker(setup: PerfSetup, iterative_steps: int, svd_repeats: int) -> 
 
     for _ in range(SVD_WARMUP):
         fit("svd")
-    svd_times = [fit("svd")[0] for _ in range(svd_repeats - 1)]  # each model freed before the next fit
-    seconds, svd_model = fit("svd")
+    before = svd_repeats // 2
+    svd_times = [fit("svd")[0] for _ in range(before)]  # each model freed before the next fit
     iterative_seconds, iterative_model = fit("iterative", steps=iterative_steps)
+    iterative_error = iterative_model.mimicry_report["weight_rel_error"]
+    del iterative_model  # freed before the SVD fits after it, as each SVD model is before the next
+    svd_times += [fit("svd")[0] for _ in range(svd_repeats - before - 1)]
+    seconds, svd_model = fit("svd")
     return {"svd_times": [*svd_times, seconds], "iterative_s": iterative_seconds,
             "svd_weight_rel_error": svd_model.mimicry_report["weight_rel_error"],
-            "iterative_weight_rel_error": iterative_model.mimicry_report["weight_rel_error"]}
+            "iterative_weight_rel_error": iterative_error}
 
 
 def mimicry_figures(setup: PerfSetup, iterative_steps: int = 1000, svd_repeats: int = SVD_REPEATS) -> dict[str, Any]:
     """Closed-form SVD mimicry against the paper's iterative fit (its 1000 steps by default).
 
-    The sub-second SVD fit moved the ratio by a third between runs, all of a process's timings
-    alike: each of ``MIMICRY_PROCESSES`` fresh processes (when isolating) times both fits, and the
-    ratio is the median of every SVD timing over the median iterative fit.
+    The sub-second SVD fit moves with the process (its allocations' placement) and the iterative
+    fit with the process and the run, so each of ``MIMICRY_PROCESSES`` fresh processes (when
+    isolating) times both and gives one pair: the median of its SVD fits and its iterative fit.
+    The ratio is the median of the per-process ratios, with their spread, as every other ratio.
     """
     args = ["--mimicry", str(iterative_steps), "--svd-repeats", str(svd_repeats)]
     parts = ([_in_worker(args, setup) for _ in range(MIMICRY_PROCESSES)] if setup.isolate
              else [mimicry_worker(setup, iterative_steps, svd_repeats)])
-    svd_times = pooled(parts, ("svd_times",))["svd_times"]
+    process_svd = [statistics.median(part["svd_times"]) for part in parts]
     iterative_times = [part["iterative_s"] for part in parts]
-    figure = ratio(statistics.median(svd_times), statistics.median(iterative_times), "s")
+    svd_times = pooled(parts, ("svd_times",))["svd_times"]
+    figure = paired_ratio(process_svd, iterative_times)
     figure.update({"svd_weight_rel_error": parts[0]["svd_weight_rel_error"],
                    "iterative_weight_rel_error": parts[0]["iterative_weight_rel_error"],
                    "svd_repeats": len(svd_times), "svd_times": svd_times, "iterative_times": iterative_times,
-                   "processes": len(parts), "iterative_steps": iterative_steps, "paper_iterative_steps": 1000})
+                   "processes": len(parts), "process_ratios": [a / b for a, b in zip(process_svd, iterative_times, strict=True)],
+                   "iterative_steps": iterative_steps, "paper_iterative_steps": 1000})
     return {"mimicry_svd_over_iterative": figure}
 
 

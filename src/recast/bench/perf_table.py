@@ -38,7 +38,8 @@ def _amount(value: float, unit: str) -> str:
     return f"{value * 1000:.1f} ms" if value < 0.1 else f"{value:.3f} s"
 
 
-def _ratio(value: float) -> str:
+def format_ratio(value: float) -> str:
+    """Three decimals, or two significant digits below 0.1 (the mimicry ratio is about 0.001)."""
     return f"{value:.3f}" if value >= 0.1 else f"{value:.2g}"
 
 
@@ -56,7 +57,7 @@ def perf_table(runs: Sequence[dict[str, Any]]) -> str:
         present = [v for v in values if v is not None]
         spread = f"{(max(present) / min(present) - 1) * 100:.1f}%" if len(present) > 1 and min(present) > 0 else "-"
         last = next(run[name] for run in reversed(runs) if _is_ratio(run.get(name)))
-        each = " / ".join("-" if v is None else _ratio(v) for v in values)
+        each = " / ".join("-" if v is None else format_ratio(v) for v in values)
         lines.append(f"| {name} | {each} | {spread} | {_amount(last['a'], last['unit'])} | "
                      f"{_amount(last['b'], last['unit'])} | {_share(last.get('iqr'), last['ratio'])} | "
                      f"{_share(last.get('median_interval'), last['ratio'])} | {last['repeats']} |")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from recast import bench
 from recast.bench.perf import PERF_GROUPS, run_perf
-from recast.bench.perf_table import load_perf_runs, perf_table
+from recast.bench.perf_table import format_ratio, load_perf_runs, perf_table
 from recast.bench.report import write_report
 from recast.bench.tuning import DEFAULT_GRID, grid_points, parse_grid
 from recast.bench.workload import PRECISIONS, PerfSetup
@@ -170,17 +170,21 @@ def run_alias(args: argparse.Namespace) -> int:
     return int(chosen.func(chosen) or 0)
 
 
+def _span(low_high: list[float]) -> str:
+    return f"{format_ratio(low_high[0])}-{format_ratio(low_high[1])}"
+
+
 def _format_perf(figures: dict) -> str:
     lines = []
     for name, entry in figures.items():
         if isinstance(entry, dict) and "ratio" in entry:
-            spread = f"IQR {entry['iqr'][0]:.3f}-{entry['iqr'][1]:.3f}, " if "iqr" in entry else ""
+            spread = f"IQR {_span(entry['iqr'])}, " if "iqr" in entry else ""
             if "median_interval" in entry:
-                spread += f"median within {entry['median_interval'][0]:.3f}-{entry['median_interval'][1]:.3f}, "
+                spread += f"median within {_span(entry['median_interval'])}, "
             per_process = entry.get("process_ratios") or []
-            where = (f" in {entry['processes']} processes, their medians {min(per_process):.3f}-{max(per_process):.3f}"
+            where = (f" in {entry['processes']} processes, their medians {_span([min(per_process), max(per_process)])}"
                      if len(per_process) > 1 else "")
-            lines.append(f"{name:40s} {entry['ratio']:8.3f}   ({spread}n={entry['repeats']}{where}; "
+            lines.append(f"{name:40s} {format_ratio(entry['ratio']):>8s}   ({spread}n={entry['repeats']}{where}; "
                          f"{entry['a']:.4g} {entry['unit']} / {entry['b']:.4g} {entry['unit']})")
     setup = figures.get("setup", {})
     lines.append(f"torch threads: {setup.get('threads')}; ratios are medians of interleaved A/B pairs")

@@ -212,6 +212,47 @@ def test_widening_a_grid_scores_only_the_new_points_under_the_same_setup(tiny_su
     assert len(scored) == 3 + 4
 
 
+def test_tuning_on_several_seeds_scores_the_mean_and_reuses_what_one_seed_scored(tiny_suite, tmp_path, monkeypatch):
+    from recast.bench import tuning
+    scored = []
+    real = tuning.validation_score
+
+    def counting(suite, run, options, device="cpu"):
+        scored.append((run.seed, options["head_lr"]))
+        return real(suite, run, options, device)
+
+    monkeypatch.setattr(tuning, "validation_score", counting)
+    suite = replace(tiny_suite, train={**tiny_suite.train, "epochs": 1}, seeds=(42, 7))
+    run = bench.plan(suite, methods=["linear"], seeds=[42])[0]
+    grid = {"head": (1e-3, 5e-2)}
+    one = tuning.tune(suite, run, tmp_path, grid=grid, log=lambda _: None)
+    assert scored == [(42, 1e-3), (42, 5e-2)] and "seeds" not in one
+    two = tuning.tune(suite, run, tmp_path, grid=grid, log=lambda _: None, seeds=tuning.tuning_seeds(suite, 2))
+    assert scored[2:] == [(7, 1e-3), (7, 5e-2)]  # seed 42's scores were kept
+    assert two["seeds"] == [42, 7] and two["seed"] == 42
+    for first, both in zip(one["scores"], two["scores"], strict=True):
+        assert [e["seed"] for e in both["per_seed"]] == [42, 7]
+        assert both["per_seed"][0]["val_accuracy"] == first["val_accuracy"]
+        assert both["val_accuracy"] == pytest.approx(sum(e["val_accuracy"] for e in both["per_seed"]) / 2)
+    assert two["chosen"] == max(two["scores"], key=lambda s: s["val_accuracy"])["lrs"]
+    again = tuning.tune(suite, run, tmp_path, grid=grid, log=lambda _: None, seeds=[42, 7])
+    assert again == two and len(scored) == 4
+    from recast.bench.report import tuning_table
+    assert ", mean of seeds 42, 7 | 2 |" in tuning_table([{"method": "linear", "backbone": "tiny", "tuning": two}])
+    with pytest.raises(ConfigError, match="--tune-seeds must be 1 to 2"):
+        tuning.tuning_seeds(suite, 3)
+
+
+def test_tune_seeds_is_checked_before_anything_runs(capsys):
+    from recast.cli import main
+    assert main(["bench", "--suite", "effnet", "--dry-run", "--methods", "linear", "--tune", "--tune-seeds", "2"]) == 0
+    assert "learning-rate points on validation, mean of seeds 42, 1998:" in capsys.readouterr().out
+    assert main(["bench", "--suite", "effnet", "--dry-run", "--methods", "linear", "--tune", "--tune-seeds", "4"]) != 0
+    assert "--tune-seeds must be 1 to 3" in capsys.readouterr().err
+    assert main(["bench", "--suite", "effnet", "--dry-run", "--methods", "linear", "--tune-seeds", "2"]) != 0
+    assert "--tune-seeds applies to --tune" in capsys.readouterr().err
+
+
 def test_a_finished_tuned_run_is_rerun_only_when_the_chosen_rates_change(tiny_suite, tmp_path):
     suite = replace(tiny_suite, train={**tiny_suite.train, "epochs": 1})
     runs = bench.plan(suite, methods=["linear"])

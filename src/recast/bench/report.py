@@ -132,6 +132,8 @@ def tuning_table(runs: list[dict[str, Any]], results_dir: Path | None = None) ->
         chosen = ", ".join(f"{kind} {lr:g}" for kind, lr in tuning["chosen"].items())
         scores = [s["val_accuracy"] for s in tuning["scores"]]
         measured = f"{max(scores):.3f} / {min(scores):.3f}" if scores else "- (one point)"
+        if scores and len(tuning.get("seeds", [])) > 1:  # --tune-seeds: each score a mean over seeds
+            measured += f", mean of seeds {', '.join(map(str, tuning['seeds']))}"
         lines.append(f"| {method} | {backbone} | {shown} | {chosen} | {measured} | {len(tuning['grid'])} |")
     return "\n".join(lines) + "\n"
 

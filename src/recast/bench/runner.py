@@ -17,7 +17,7 @@ import torch
 
 from recast.bench.report import write_report
 from recast.bench.suites import Run, Suite, load_base, method_name, open_tasks, run_config
-from recast.bench.tuning import tune
+from recast.bench.tuning import tune, tuning_seeds
 from recast.distributed import DistContext
 from recast.io import atomic_write_json, read_json
 from recast.methods import build_method
@@ -93,7 +93,7 @@ def device_label(device: str) -> str:
 def run_suite(
     suite: Suite, runs: list[Run], out: str | Path, progress: bool = False, resume: bool = True,
     log: Callable[[str], None] = print, *, tune_lrs: bool = False, grid: Mapping[str, Sequence[float]] | None = None,
-    device: str = "cpu",
+    device: str = "cpu", tune_seeds: int = 1,
 ) -> Path:
     """Every run (skipping those whose result file exists when ``resume``), then the report.
 
@@ -101,9 +101,10 @@ def run_suite(
     widened grid that chooses other rates reruns it.
 
     With ``tune_lrs`` each (method, backbone) first has its learning rates chosen from ``grid``
-    by validation accuracy on the suite's first seed, also when only later seeds run
-    (:mod:`recast.bench.tuning`); its runs then use them.
+    by validation accuracy on the suite's first seed (by the mean over its first ``tune_seeds``),
+    also when only later seeds run (:mod:`recast.bench.tuning`); its runs then use them.
     """
+    tune_on = tuning_seeds(suite, tune_seeds)
     out = Path(out)
     chosen: dict[tuple[str, str], dict[str, Any]] = {}
     for index, run in enumerate(runs, 1):
@@ -114,8 +115,9 @@ def run_suite(
             continue
         if tune_lrs and key not in chosen:
             first = Run(run.method, run.backbone, suite.seeds[0])  # the suite's first seed, even with --seeds
-            log(f"tuning {run.method} on {run.backbone.key}: learning rates by validation accuracy, seed {first.seed}")
-            chosen[key] = tune(suite, first, out, grid=grid, resume=resume, log=log, device=device)
+            on = f"seed {first.seed}" if tune_seeds == 1 else f"mean of seeds {', '.join(map(str, tune_on))}"
+            log(f"tuning {run.method} on {run.backbone.key}: learning rates by validation accuracy, {on}")
+            chosen[key] = tune(suite, first, out, grid=grid, resume=resume, log=log, device=device, seeds=tune_on)
         tuning = chosen.get(key)
         if resume and done.exists():
             if _trained_with(done, tuning):

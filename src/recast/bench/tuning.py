@@ -3,7 +3,9 @@
 For every (method, backbone) of a suite, each point of the method's grid learns the suite's tasks
 on the first seed with the test splits never opened for reading (``fit_task`` without a test
 set); the point with the best mean validation accuracy over the tasks is chosen, and every seed
-then runs with it. The grid, every point's validation scores and the choice are written to
+then runs with it. With ``seeds`` (``--tune-seeds N``) each point learns the tasks once per seed
+and is scored by the mean over them: on small training sets one seed's validation can favour a
+rate by a point that the other seeds do not confirm. The grid, every point's validation scores and the choice are written to
 ``tuning/<method>__<backbone>.json`` and into each run file, so the report can show them.
 
 Learning rates are per kind of trained state: ``head``, ``coefficients`` (RECAST), ``adapter``
@@ -98,6 +100,14 @@ def validation_score(suite: Suite, run: Run, options: Mapping[str, Any], device:
     return {"val_accuracy": sum(per_task.values()) / len(per_task), "per_task": per_task}
 
 
+def tuning_seeds(suite: Suite, count: int) -> list[int]:
+    """The seeds a point is scored on: the suite's first ``count`` (``--tune-seeds``)."""
+    if not 1 <= count <= len(suite.seeds):
+        raise ConfigError(f"--tune-seeds must be 1 to {len(suite.seeds)} (the suite's seeds are "
+                          f"{', '.join(map(str, suite.seeds))}); got {count}")
+    return list(suite.seeds[:count])
+
+
 def tuning_file(out: Path, run: Run) -> Path:
     """Where the tuning of ``run``'s method and backbone is kept."""
     return tuning_path(out, run.method, run.backbone.key)
@@ -115,49 +125,89 @@ def tuning_setup(suite: Suite, run: Run) -> dict[str, Any]:
     return json.loads(json.dumps(setup, sort_keys=True))
 
 
-def _earlier_scores(record: Any, seed: int, setup: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The scored points of an earlier record made under the same seed and setup, by point."""
-    if not isinstance(record, dict) or record.get("seed") != seed or record.get("setup") != setup:
+def _earlier_scores(record: Any, setup: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
+    """Each (point, seed) scored by an earlier record made under the same setup.
+
+    A one-seed record keeps ``val_accuracy`` and ``per_task`` in each score; a record of several
+    seeds keeps them per seed under ``per_seed``.
+    """
+    if not isinstance(record, dict) or record.get("setup") != setup:
         return {}
-    return {_point_key(s["lrs"]): s for s in record.get("scores", []) if isinstance(s, dict) and "lrs" in s}
+    earlier = {}
+    for score in record.get("scores", []):
+        if not isinstance(score, dict) or "lrs" not in score:
+            continue
+        for entry in score.get("per_seed", [{**score, "seed": record.get("seed")}]):
+            earlier[(_point_key(score["lrs"]), entry["seed"])] = {k: entry[k] for k in ("val_accuracy", "per_task")
+                                                                   if k in entry}
+    return earlier
 
 
 def _point_key(point: Mapping[str, float]) -> str:
     return json.dumps(dict(point), sort_keys=True)
 
 
+def _record_seeds(record: Any) -> list[int] | None:
+    """The seeds a record's scores averaged (old records name only ``seed``)."""
+    if not isinstance(record, dict):
+        return None
+    return record.get("seeds") or [record.get("seed")]
+
+
+def _score(
+    suite: Suite, run: Run, point: dict[str, float], seeds: Sequence[int], earlier: dict[tuple[str, int], Any],
+    device: str,
+) -> tuple[dict[str, Any], bool]:
+    """A point's score over ``seeds`` (reusing earlier (point, seed) scores) and whether all were reused."""
+    per_seed = []
+    for seed in seeds:
+        kept = earlier.get((_point_key(point), seed))
+        per_seed.append({"seed": seed, **(kept or validation_score(suite, Run(run.method, run.backbone, seed),
+                                                                   method_options(point), device))})
+    reused = all((_point_key(point), seed) in earlier for seed in seeds)
+    if len(per_seed) == 1:
+        return {"lrs": point, **{k: v for k, v in per_seed[0].items() if k != "seed"}}, reused
+    mean = sum(entry["val_accuracy"] for entry in per_seed) / len(per_seed)
+    return {"lrs": point, "val_accuracy": mean, "per_seed": per_seed}, reused
+
+
 def tune(
     suite: Suite, run: Run, out: Path, *, grid: Mapping[str, Sequence[float]] | None = None, resume: bool = True,
-    log: Callable[[str], None] = print, device: str = "cpu",
+    log: Callable[[str], None] = print, device: str = "cpu", seeds: Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    """Choose ``run``'s learning rates by validation accuracy on ``run``'s seed (the first seed).
+    """Choose ``run``'s learning rates by validation accuracy on ``run``'s seed (the first seed), or
+    by the mean validation accuracy over ``seeds`` when given.
 
     Returns the tuning record: ``grid`` (the points tried), ``scores`` (each point's validation
-    accuracies), ``chosen`` (``{kind: lr}``), ``options`` (as method options), ``seed`` and
-    ``setup`` (:func:`tuning_setup`). A record already in ``out/tuning/`` for the same grid is reused
-    when ``resume``; for a grid that adds points to it, made under the same seed and setup, only
-    the new points are scored (widening a grid does not rerun the points it had).
+    accuracies; per seed under ``per_seed`` when several), ``chosen`` (``{kind: lr}``), ``options``
+    (as method options), ``seed`` (the first), ``seeds`` and ``setup`` (:func:`tuning_setup`). A
+    record already in ``out/tuning/`` for the same grid and seeds is reused when ``resume``; for a
+    grid or seeds that add to it, made under the same setup, only the new (point, seed) pairs are
+    scored (widening a grid does not rerun the points it had).
     """
+    seeds = list(seeds or [run.seed])
     points = grid_points(run.method, grid)
     path = tuning_file(out, run)
     setup = tuning_setup(suite, run)
-    earlier: dict[str, dict[str, Any]] = {}
+    earlier: dict[tuple[str, int], dict[str, Any]] = {}
     if resume and path.is_file():
         record = read_json(path)
-        if isinstance(record, dict) and record.get("grid") == points and record.get("seed") == run.seed:
+        if isinstance(record, dict) and record.get("grid") == points and _record_seeds(record) == seeds:
             log(f"  tune {run.method} / {run.backbone.key}: kept {record['chosen']} from {path}")
             return record
-        earlier = _earlier_scores(record, run.seed, setup)
+        earlier = _earlier_scores(record, setup)
     scores = []
     for index, point in enumerate(points if len(points) > 1 else [], 1):  # one point: nothing to choose between
-        score = earlier.get(_point_key(point)) or {"lrs": point, **validation_score(suite, run, method_options(point),
-                                                                                      device)}
+        score, reused = _score(suite, run, point, seeds, earlier, device)
         scores.append(score)
-        kept = " (kept from the earlier grid)" if _point_key(point) in earlier else ""
+        kept = " (kept from the earlier grid)" if reused else ""
+        over = f" (mean of seeds {', '.join(map(str, seeds))})" if len(seeds) > 1 else ""
         log(f"  tune {run.method} / {run.backbone.key} [{index}/{len(points)}] {point}: "
-            f"validation {score['val_accuracy']:.4f}{kept}")
+            f"validation {score['val_accuracy']:.4f}{over}{kept}")
     best = max(scores, key=lambda s: s["val_accuracy"])["lrs"] if scores else points[0]  # ties: the grid's order
-    record = {"method": run.method, "backbone": run.backbone.key, "seed": run.seed, "selected_on": "validation",
+    record = {"method": run.method, "backbone": run.backbone.key, "seed": seeds[0], "selected_on": "validation",
               "grid": points, "scores": scores, "chosen": best, "options": method_options(best), "setup": setup}
+    if len(seeds) > 1:
+        record["seeds"] = seeds
     atomic_write_json(path, record)
     return record

@@ -11,7 +11,7 @@ from recast import bench
 from recast.bench.perf import PERF_GROUPS, run_perf
 from recast.bench.perf_table import format_ratio, load_perf_runs, perf_table
 from recast.bench.report import write_report
-from recast.bench.tuning import DEFAULT_GRID, grid_points, parse_grid
+from recast.bench.tuning import DEFAULT_GRID, grid_points, parse_grid, tuning_seeds
 from recast.bench.workload import PRECISIONS, PerfSetup
 from recast.cli import edge, serve
 from recast.distributed import check_device, default_device
@@ -57,6 +57,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="choose each method's learning rates from a small grid by validation accuracy on the first "
                         "seed (RECAST: coefficients x head; LoRA and adapters: adapter x head; linear: head; full: "
                         "backbone x head), then run every seed with them; grid, scores and choice go into the run files")
+    parser.add_argument("--tune-seeds", type=int, default=1, metavar="N",
+                        help="with --tune, score each grid point by its mean validation accuracy over the suite's "
+                        "first N seeds (default 1; costs N times the tuning runs): on small training sets one seed's "
+                        "validation can prefer a rate that the others do not")
     parser.add_argument("--tune-grid", action="append", default=[], metavar="KIND=LR,LR",
                         help="replace the grid of one kind, repeatable: head, coefficients, adapter, backbone (defaults: "
                         + "; ".join(f"{k} {','.join(f'{v:g}' for v in vs)}" for k, vs in DEFAULT_GRID.items())
@@ -137,17 +141,21 @@ def run(args: argparse.Namespace) -> int:
     runs = bench.plan(suite, args.methods, args.seeds, args.backbones)
     grid = parse_grid(args.tune_grid)
     print(bench.describe(suite, runs))
+    tune_on = tuning_seeds(suite, args.tune_seeds)
+    if len(tune_on) > 1 and not args.tune:
+        raise ConfigError("--tune-seeds applies to --tune: add --tune, or leave --tune-seeds out")
     if args.tune:
+        on = "first seed" if len(tune_on) == 1 else f"mean of seeds {', '.join(map(str, tune_on))}"
         for method in dict.fromkeys(r.method for r in runs):
             points = grid_points(method, grid)
-            print(f"  tune {method}: {len(points)} learning-rate points on validation, first seed: {points}")
+            print(f"  tune {method}: {len(points)} learning-rate points on validation, {on}: {points}")
     if args.dry_run:
         return 0
     if bench.missing_data(suite):
         print("recast: error: some data roots are missing (see above); fix --data-root or download them first")
         return 2
     report = bench.run_suite(suite, runs, args.out, progress=True, resume=not args.restart, tune_lrs=args.tune,
-                             grid=grid, device=device)
+                             grid=grid, device=device, tune_seeds=args.tune_seeds)
     print(f"wrote {report} and the plots beside it")
     return 0
 

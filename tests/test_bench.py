@@ -243,6 +243,19 @@ def test_tuning_on_several_seeds_scores_the_mean_and_reuses_what_one_seed_scored
         tuning.tuning_seeds(suite, 3)
 
 
+def test_an_edited_tuning_record_is_scored_again_where_it_is_not_a_score(tiny_suite, tmp_path, monkeypatch):
+    from recast.bench import tuning
+    scored = []
+    monkeypatch.setattr(tuning, "validation_score", lambda suite, run, options, device="cpu": scored.append(
+        (run.seed, options["head_lr"])) or {"val_accuracy": 0.5, "per_task": {}})
+    run = bench.plan(tiny_suite, methods=["linear"])[0]
+    first = tuning.tune(tiny_suite, run, tmp_path, grid={"head": (1e-3, 5e-2)}, log=lambda _: None)
+    edited = {**first, "grid": [], "scores": [{**first["scores"][0], "val_accuracy": "high"}, first["scores"][1], 7]}
+    tuning.tuning_file(tmp_path, run).write_text(json.dumps(edited))
+    again = tuning.tune(tiny_suite, run, tmp_path, grid={"head": (1e-3, 5e-2)}, log=lambda _: None)
+    assert scored == [(42, 1e-3), (42, 5e-2), (42, 1e-3)] and again["scores"] == first["scores"]
+
+
 def test_tune_seeds_is_checked_before_anything_runs(capsys):
     from recast.cli import main
     assert main(["bench", "--suite", "effnet", "--dry-run", "--methods", "linear", "--tune", "--tune-seeds", "2"]) == 0

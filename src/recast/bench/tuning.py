@@ -5,8 +5,9 @@ on the first seed with the test splits never opened for reading (``fit_task`` wi
 set); the point with the best mean validation accuracy over the tasks is chosen, and every seed
 then runs with it. With ``seeds`` (``--tune-seeds N``) each point learns the tasks once per seed
 and is scored by the mean over them: on small training sets one seed's validation can favour a
-rate by a point that the other seeds do not confirm. The grid, every point's validation scores and the choice are written to
-``tuning/<method>__<backbone>.json`` and into each run file, so the report can show them.
+rate by a point that the other seeds do not confirm. The grid, every point's validation scores
+and the choice are written to ``tuning/<method>__<backbone>.json`` and into each run file, so the
+report can show them.
 
 Learning rates are per kind of trained state: ``head``, ``coefficients`` (RECAST), ``adapter``
 (LoRA, VeRA and the adapters) and ``backbone`` (full fine-tuning).
@@ -135,11 +136,12 @@ def _earlier_scores(record: Any, setup: dict[str, Any]) -> dict[tuple[str, int],
         return {}
     earlier = {}
     for score in record.get("scores", []):
-        if not isinstance(score, dict) or "lrs" not in score:
+        if not isinstance(score, dict) or not isinstance(score.get("lrs"), dict):
             continue
         for entry in score.get("per_seed", [{**score, "seed": record.get("seed")}]):
-            earlier[(_point_key(score["lrs"]), entry["seed"])] = {k: entry[k] for k in ("val_accuracy", "per_task")
-                                                                   if k in entry}
+            if isinstance(entry, dict) and isinstance(entry.get("val_accuracy"), float):  # else: scored again
+                kept = {k: entry[k] for k in ("val_accuracy", "per_task") if k in entry}
+                earlier[(_point_key(score["lrs"]), entry.get("seed"))] = kept
     return earlier
 
 

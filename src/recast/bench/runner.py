@@ -17,7 +17,7 @@ import torch
 
 from recast.bench.report import write_report
 from recast.bench.suites import Run, Suite, load_base, method_name, open_tasks, run_config
-from recast.bench.tuning import tune, tuning_seeds
+from recast.bench.tuning import seeds_label, tune, tuning_seeds
 from recast.distributed import DistContext
 from recast.io import atomic_write_json, read_json
 from recast.methods import build_method
@@ -115,8 +115,8 @@ def run_suite(
             continue
         if tune_lrs and key not in chosen:
             first = Run(run.method, run.backbone, suite.seeds[0])  # the suite's first seed, even with --seeds
-            on = f"seed {first.seed}" if tune_seeds == 1 else f"mean of seeds {', '.join(map(str, tune_on))}"
-            log(f"tuning {run.method} on {run.backbone.key}: learning rates by validation accuracy, {on}")
+            log(f"tuning {run.method} on {run.backbone.key}: learning rates by validation accuracy, "
+                f"{seeds_label(tune_on)}")
             chosen[key] = tune(suite, first, out, grid=grid, resume=resume, log=log, device=device, seeds=tune_on)
         tuning = chosen.get(key)
         if resume and done.exists():

@@ -109,6 +109,11 @@ def tuning_seeds(suite: Suite, count: int) -> list[int]:
     return list(suite.seeds[:count])
 
 
+def seeds_label(seeds: Sequence[int]) -> str:
+    """How a choice's seeds read in logs: ``seed 42`` or ``mean of seeds 42, 1998``."""
+    return f"seed {seeds[0]}" if len(seeds) == 1 else f"mean of seeds {', '.join(map(str, seeds))}"
+
+
 def tuning_file(out: Path, run: Run) -> Path:
     """Where the tuning of ``run``'s method and backbone is kept."""
     return tuning_path(out, run.method, run.backbone.key)
@@ -203,7 +208,7 @@ def tune(
         score, reused = _score(suite, run, point, seeds, earlier, device)
         scores.append(score)
         kept = " (kept from the earlier grid)" if reused else ""
-        over = f" (mean of seeds {', '.join(map(str, seeds))})" if len(seeds) > 1 else ""
+        over = f" ({seeds_label(seeds)})" if len(seeds) > 1 else ""
         log(f"  tune {run.method} / {run.backbone.key} [{index}/{len(points)}] {point}: "
             f"validation {score['val_accuracy']:.4f}{over}{kept}")
     best = max(scores, key=lambda s: s["val_accuracy"])["lrs"] if scores else points[0]  # ties: the grid's order

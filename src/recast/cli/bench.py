@@ -11,7 +11,7 @@ from recast import bench
 from recast.bench.perf import PERF_GROUPS, run_perf
 from recast.bench.perf_table import format_ratio, load_perf_runs, perf_table
 from recast.bench.report import write_report
-from recast.bench.tuning import DEFAULT_GRID, grid_points, parse_grid, tuning_seeds
+from recast.bench.tuning import DEFAULT_GRID, grid_points, parse_grid, seeds_label, tuning_seeds
 from recast.bench.workload import PRECISIONS, PerfSetup
 from recast.cli import edge, serve
 from recast.distributed import check_device, default_device
@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     if len(tune_on) > 1 and not args.tune:
         raise ConfigError("--tune-seeds applies to --tune: add --tune, or leave --tune-seeds out")
     if args.tune:
-        on = "first seed" if len(tune_on) == 1 else f"mean of seeds {', '.join(map(str, tune_on))}"
+        on = "first seed" if len(tune_on) == 1 else seeds_label(tune_on)
         for method in dict.fromkeys(r.method for r in runs):
             points = grid_points(method, grid)
             print(f"  tune {method}: {len(points)} learning-rate points on validation, {on}: {points}")
